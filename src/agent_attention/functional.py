@@ -1,0 +1,196 @@
+"""The agent attention operator.
+
+Agent attention (Han et al., ECCV 2024) lets a small set of ``n`` agent tokens ``A`` stand between
+the ``N`` queries and the ``M`` keys/values::
+
+    V_A = softmax(A Kᵀ · s  + agent_bias) V          # agents gather   (B, h, n, d)
+    O   = softmax(Q Aᵀ · s2 + query_bias) V_A        # agents broadcast (B, h, N, d)
+
+Both steps are ordinary softmax attentions with ``n`` on one side, so the cost is
+``O((N + M) · n · d)``: linear in the number of tokens.  :func:`agent_attention` runs them as two
+calls of :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels on CPU and CUDA,
+biases broadcast over the batch, never copied per sample).  :func:`agent_attention_math` is the
+plain reference used by the tests, and :func:`agent_feature_maps` exposes the generalized linear
+attention view ``O = φq(Q) · φk(K)ᵀ · V``.
+
+This module is the only place in the package where agent attention is computed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps"]
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias, query_bias, key_padding_mask):
+    names = ("q", "k", "v", "agents")
+    tensors = (q, k, v, agents)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"agent_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"agent_attention: {name} must have 4 dims (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"agent_attention: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"agent_attention: dtype mismatch: q is {q.dtype} but {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"agent_attention: device mismatch: q is on {q.device} but {name} is on {t.device}")
+    B, h, N, d = q.shape
+    M = k.shape[2]
+    n = agents.shape[2]
+    if k.shape[:2] != (B, h) or v.shape[:2] != (B, h) or agents.shape[:2] != (B, h):
+        raise ValueError(
+            "agent_attention: batch and head dims must agree: "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, agents {tuple(agents.shape)}"
+        )
+    if k.shape[3] != d or agents.shape[3] != d:
+        raise ValueError(
+            f"agent_attention: q, k and agents must share head_dim {d}: k {tuple(k.shape)}, agents {tuple(agents.shape)}"
+        )
+    if v.shape[2] != M:
+        raise ValueError(f"agent_attention: k and v must have the same number of tokens: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if n == 0 or M == 0:
+        raise ValueError(f"agent_attention: need at least one agent and one key, got agents {tuple(agents.shape)}, k {tuple(k.shape)}")
+    for name, bias, target in (("agent_bias", agent_bias, (B, h, n, M)), ("query_bias", query_bias, (B, h, N, n))):
+        if bias is None:
+            continue
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"agent_attention: {name} must be a tensor or None, got {type(bias).__name__}")
+        if bias.device != q.device:
+            raise ValueError(f"agent_attention: device mismatch: q is on {q.device} but {name} is on {bias.device}")
+        try:
+            shape = torch.broadcast_shapes(bias.shape, target)
+        except RuntimeError:
+            shape = None
+        if shape != target:
+            raise ValueError(f"agent_attention: {name} of shape {tuple(bias.shape)} does not broadcast to {target}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"agent_attention: key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, M):
+            raise ValueError(
+                f"agent_attention: key_padding_mask must have shape (batch, keys) = {(B, M)}, got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"agent_attention: device mismatch: q is on {q.device} but key_padding_mask is on {key_padding_mask.device}"
+            )
+
+
+def _agent_mask(agent_bias: Optional[Tensor], key_padding_mask: Optional[Tensor], dtype) -> Optional[Tensor]:
+    """Additive mask for the agent → key softmax: the bias plus -inf on padded keys."""
+    if key_padding_mask is None:
+        return None if agent_bias is None else agent_bias.to(dtype)
+    pad = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, M)
+    return pad if agent_bias is None else agent_bias.to(dtype) + pad
+
+
+def agent_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    agents: Tensor,
+    *,
+    agent_bias: Optional[Tensor] = None,
+    query_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    query_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Agent attention with fused softmax-attention kernels.
+
+    Args:
+        q: queries ``(B, h, N, d)``.
+        k, v: keys and values ``(B, h, M, d)``; ``M`` may differ from ``N`` (cross-attention).
+        agents: agent tokens ``(B, h, n, d)``.
+        agent_bias: additive bias of the agent → key logits, broadcastable to ``(B, h, n, M)``
+            (e.g. ``(1, h, n, M)``: one bias for the whole batch).
+        query_bias: additive bias of the query → agent logits, broadcastable to ``(B, h, N, n)``.
+        scale: logit scale ``s`` of the first softmax; default ``d ** -0.5``.
+        query_scale: logit scale of the second softmax; default ``scale``. AgentSD uses
+            ``s ** k_scale2``.
+        dropout_p: dropout on both attention maps (pass 0 at evaluation).
+        key_padding_mask: bool ``(B, M)``, ``True`` marks padded keys that no agent may attend to
+            (the convention of :class:`torch.nn.MultiheadAttention`).
+
+    Returns:
+        ``(B, h, N, d)`` tensor of the same dtype as ``q``.
+    """
+    _check_inputs(q, k, v, agents, agent_bias, query_bias, key_padding_mask)
+    d = q.shape[-1]
+    s = d ** -0.5 if scale is None else float(scale)
+    s2 = s if query_scale is None else float(query_scale)
+    mask1 = _agent_mask(agent_bias, key_padding_mask, q.dtype)
+    mask2 = None if query_bias is None else query_bias.to(q.dtype)
+    agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask1, dropout_p=dropout_p, scale=s)
+    return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=mask2, dropout_p=dropout_p, scale=s2)
+
+
+def agent_feature_maps(
+    q: Tensor,
+    k: Tensor,
+    agents: Tensor,
+    *,
+    agent_bias: Optional[Tensor] = None,
+    query_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    query_scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The generalized-linear-attention view of agent attention.
+
+    Returns ``(phi_q, phi_k)`` with ``phi_q = softmax(Q Aᵀ s2 + query_bias)`` of shape
+    ``(B, h, N, n)`` and ``phi_k = softmax(A Kᵀ s + agent_bias)ᵀ`` of shape ``(B, h, M, n)``, so that
+    ``agent_attention(q, k, v, agents) == phi_q @ (phi_k.transpose(-1, -2) @ v)``.
+    Also the maps to visualise: ``phi_k[..., a]`` is where agent ``a`` looks.
+    """
+    _check_inputs(q, k, k, agents, agent_bias, query_bias, key_padding_mask)
+    d = q.shape[-1]
+    s = d ** -0.5 if scale is None else float(scale)
+    s2 = s if query_scale is None else float(query_scale)
+    logits1 = (agents * s) @ k.transpose(-2, -1)
+    mask1 = _agent_mask(agent_bias, key_padding_mask, q.dtype)
+    if mask1 is not None:
+        logits1 = logits1 + mask1
+    logits2 = (q * s2) @ agents.transpose(-2, -1)
+    if query_bias is not None:
+        logits2 = logits2 + query_bias.to(q.dtype)
+    return logits2.softmax(dim=-1), logits1.softmax(dim=-1).transpose(-2, -1)
+
+
+def agent_attention_math(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    agents: Tensor,
+    *,
+    agent_bias: Optional[Tensor] = None,
+    query_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    query_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Reference implementation of :func:`agent_attention` with explicit matmuls and softmaxes.
+
+    Same arguments and result; materialises both attention maps (the official code's order of
+    operations: the left operand is scaled before the product).
+    """
+    phi_q, phi_k = agent_feature_maps(
+        q, k, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
+        query_scale=query_scale, key_padding_mask=key_padding_mask,
+    )
+    _check_inputs(q, k, v, agents, None, None, None)
+    p1 = phi_k.transpose(-2, -1)
+    p1 = F.dropout(p1, dropout_p) if dropout_p > 0 else p1
+    p2 = F.dropout(phi_q, dropout_p) if dropout_p > 0 else phi_q
+    return p2 @ (p1 @ v)

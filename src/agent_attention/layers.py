@@ -1,0 +1,459 @@
+"""Agent attention modules.
+
+:class:`AgentAttention` is the drop-in module: projections, agent tokens pooled from the queries,
+the learned agent biases of the paper (resized to the actual grid at run time), the depthwise
+convolution branch on ``V`` and the output projection.  It works on
+
+* 2-D token grids: ``forward(x, hw=(H, W))`` with ``x`` of shape ``(B, H·W, C)``, any ``H × W``;
+* 1-D sequences (``ndim=1``): agents pooled along the sequence, optional key padding mask;
+* cross-attention: ``forward(x, hw, context=ctx, context_hw=...)``.
+
+The parameter names are those of the official models (``an_bias``, ``na_bias``, ``ah_bias``,
+``aw_bias``, ``ha_bias``, ``wa_bias``, DeiT's ``ac_bias``/``ca_bias``, ``qkv`` or ``q``/``kv``,
+``proj``, ``dwc`` or CSWin's ``get_v``), so the model zoo builds on it and loads the released
+checkpoints.  The attention itself is :func:`agent_attention.functional.agent_attention`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import agent_attention
+
+__all__ = [
+    "AgentAttention",
+    "agent_bias_2d",
+    "query_bias_2d",
+    "resize_1d",
+    "resize_1d_masked",
+    "resize_agents",
+    "pool_agents",
+    "to_2tuple_hw",
+]
+
+HW = Tuple[int, int]
+
+
+def to_2tuple_hw(hw, what: str = "hw") -> HW:
+    """Validate a grid size ``(H, W)`` and return it as a tuple of two positive ints."""
+    if isinstance(hw, int):
+        hw = (hw, hw)
+    try:
+        H, W = (int(s) for s in hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a pair of ints (H, W), got {hw!r}") from None
+    if H <= 0 or W <= 0:
+        raise ValueError(f"{what} must be positive, got {(H, W)}")
+    return H, W
+
+
+def resize_1d(t: Tensor, size: int, dim: int) -> Tensor:
+    """Linear resize (``align_corners=False``) of ``t`` along ``dim``; identity when the size matches."""
+    if t.shape[dim] == size:
+        return t
+    t = t.movedim(dim, -1)
+    lead = t.shape[:-1]
+    out = F.interpolate(t.reshape(1, -1, t.shape[-1]), size=size, mode="linear", align_corners=False)
+    return out.reshape(*lead, size).movedim(-1, dim)
+
+
+def resize_1d_masked(t: Tensor, valid: Tensor) -> Tensor:
+    """Linear resize of ``t (..., L0)`` onto the valid tokens of each sample.
+
+    ``valid`` is bool ``(B, N)``; returns ``(B, ..., N)`` where the valid tokens of sample ``b``
+    see ``t`` resized to their count (as :func:`resize_1d` would for an unpadded sequence) and
+    padded tokens get an arbitrary finite value.
+    """
+    L0 = t.shape[-1]
+    length = valid.sum(1, keepdim=True).clamp_min(1).to(t.dtype)
+    rank = (valid.long().cumsum(1) - 1).clamp_min(0).to(t.dtype)
+    src = ((rank + 0.5) * (L0 / length) - 0.5).clamp(0, L0 - 1)
+    i0 = src.floor().long()
+    i1 = (i0 + 1).clamp_max(L0 - 1)
+    lam = src - i0.to(t.dtype)
+    lead = (1,) * (t.dim() - 1)
+    t = t[None]
+    a = torch.take_along_dim(t, i0.view(i0.shape[0], *lead, -1), dim=-1)
+    b = torch.take_along_dim(t, i1.view(i1.shape[0], *lead, -1), dim=-1)
+    lam = lam.view(lam.shape[0], *lead, -1)
+    return a * (1 - lam) + b * lam
+
+
+def _resize_2d(t: Tensor, size: HW) -> Tensor:
+    """Bilinear resize of the last two dims of a 4-D ``t``; identity when the size matches."""
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_agents(t: Tensor, dim: int, grid_in: HW, grid_out: HW) -> Tensor:
+    """Resize the agent axis ``dim`` (row-major ``grid_in``) of ``t`` to ``grid_out`` bilinearly.
+
+    Used when a module built for ``p × p`` agents runs with another agent grid (dense backbones).
+    """
+    if tuple(grid_in) == tuple(grid_out):
+        return t
+    t = t.movedim(dim, -1)
+    lead = t.shape[:-1]
+    out = F.interpolate(t.reshape(-1, 1, *grid_in), size=tuple(grid_out), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, grid_out[0] * grid_out[1]).movedim(-1, dim)
+
+
+def agent_bias_2d(an_bias: Tensor, ah_bias: Tensor, aw_bias: Tensor, key_hw: HW, agent_grid: HW) -> Tensor:
+    """Agent → key bias ``(h, A', Hk·Wk)`` for a key grid ``key_hw``.
+
+    ``an_bias (h, A, r, r)`` is resized bilinearly to the grid; the row/column terms
+    ``ah_bias (1, h, A, R, 1)`` and ``aw_bias (1, h, A, 1, R)`` linearly along their axis (which is
+    the same as a bilinear resize of their sum). The agent axis is resized to ``agent_grid`` when
+    it differs from the ``p × p`` the parameters were built for.
+    """
+    h, A = an_bias.shape[:2]
+    Hk, Wk = key_hw
+    coarse = _resize_2d(an_bias, (Hk, Wk))
+    rows = resize_1d(ah_bias[0], Hk, dim=2)
+    cols = resize_1d(aw_bias[0], Wk, dim=3)
+    bias = (coarse + (rows + cols)).reshape(h, A, Hk * Wk)
+    p = math.isqrt(A)
+    return resize_agents(bias, 1, (p, p), agent_grid)
+
+
+def query_bias_2d(na_bias: Tensor, ha_bias: Tensor, wa_bias: Tensor, query_hw: HW, agent_grid: HW) -> Tensor:
+    """Query → agent bias ``(h, Hq·Wq, A')`` for a query grid ``query_hw`` (see :func:`agent_bias_2d`)."""
+    h, A = na_bias.shape[:2]
+    Hq, Wq = query_hw
+    coarse = _resize_2d(na_bias, (Hq, Wq)).reshape(h, A, Hq * Wq).transpose(1, 2)
+    rows = resize_1d(ha_bias[0], Hq, dim=1)
+    cols = resize_1d(wa_bias[0], Wq, dim=2)
+    bias = coarse + (rows + cols).reshape(h, Hq * Wq, A)
+    p = math.isqrt(A)
+    return resize_agents(bias, 2, (p, p), agent_grid)
+
+
+def pool_agents(q: Tensor, hw: Optional[HW], agent_grid: Union[HW, int], valid: Optional[Tensor] = None) -> Tensor:
+    """Agent tokens ``(B, A, C)`` by adaptive average pooling of the queries ``q (B, N, C)``.
+
+    2-D (``hw`` given): ``q`` is a row-major ``H × W`` grid pooled to ``agent_grid``. 1-D
+    (``hw=None``): pooled along the sequence to ``agent_grid`` (an int) agents. ``valid`` (bool
+    ``(B, N)``) excludes padded tokens: each agent is the mean of the valid tokens of its bin, and
+    in 1-D the bins are laid over each sample's valid tokens only.
+    """
+    B, N, C = q.shape
+    if hw is not None:
+        H, W = hw
+        grid = q.transpose(1, 2).reshape(B, C, H, W)
+        if valid is None:
+            return F.adaptive_avg_pool2d(grid, agent_grid).flatten(2).transpose(1, 2)
+        w = valid.to(q.dtype).reshape(B, 1, H, W)
+        num = F.adaptive_avg_pool2d(grid * w, agent_grid)
+        den = F.adaptive_avg_pool2d(w, agent_grid).clamp_min(torch.finfo(q.dtype).tiny)
+        return (num / den).flatten(2).transpose(1, 2)
+    n = int(agent_grid)
+    if valid is None:
+        return F.adaptive_avg_pool1d(q.transpose(1, 2), n).transpose(1, 2)
+    # Bins of the PyTorch adaptive-pool rule laid over the valid tokens of each sample.
+    lengths = valid.sum(1, keepdim=True)  # (B, 1)
+    rank = valid.long().cumsum(1) - 1  # position of each token among the valid ones
+    i = torch.arange(n, device=q.device)[None, :, None]
+    start = torch.div(i * lengths[:, None], n, rounding_mode="floor")
+    end = -torch.div(-(i + 1) * lengths[:, None], n, rounding_mode="floor")  # ceil
+    r = rank[:, None, :]
+    member = (r >= start) & (r < end) & valid[:, None, :]  # (B, n, N)
+    weights = member.to(q.dtype)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
+    return weights @ q
+
+
+class AgentAttention(nn.Module):
+    """Agent attention block: ``proj(agent_attention(Q, K, V, pool(Q)) + DWC(V))``.
+
+    Args:
+        dim: channels ``C`` of the tokens.
+        num_heads: attention heads (``C`` must be divisible by it).
+        agent_num: number of agent tokens. For 2-D grids a perfect square ``p²`` (agents are
+            pooled to a ``p × p`` grid); set :attr:`agent_shape` to pool to another grid at run
+            time (the biases follow).
+        window: the grid ``(Hs, Ws)`` the row/column bias terms are built for (the official models
+            use the stage resolution). Any other run-time grid is handled by resizing. Defaults to
+            ``bias_grid``.
+        ndim: 2 for token grids, 1 for sequences.
+        qkv_layout: ``"fused"`` (one ``qkv`` Linear, as DeiT/Swin), ``"split"`` (``q`` and ``kv``, as
+            PVT) or ``"none"`` (no projections; call :meth:`attend` with projected q/k/v, as CSWin).
+        proj: add the output projection ``proj`` (with ``proj_drop``).
+        agent_bias: learn the agent biases. dwc: add the depthwise-conv branch on ``V``.
+        dwc_kernel: its kernel size. dwc_name: its attribute name (``"dwc"``; CSWin: ``"get_v"``).
+        num_prefix_tokens: leading non-grid tokens (DeiT's class token); they get their own biases
+            ``ac_bias``/``ca_bias``, are not pooled into agents and get no DWC term.
+        bias_grid: side of the coarse ``an_bias``/``na_bias`` maps (7 in the paper).
+        seq_bias_len: length of the 1-D bias maps when ``ndim=1``.
+        scale: logit scale, default ``head_dim ** -0.5``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        agent_num: int = 49,
+        *,
+        window: Optional[Union[int, Sequence[int]]] = None,
+        ndim: int = 2,
+        qkv_bias: bool = True,
+        qkv_layout: str = "fused",
+        proj: bool = True,
+        agent_bias: bool = True,
+        dwc: bool = True,
+        dwc_kernel: int = 3,
+        dwc_name: str = "dwc",
+        num_prefix_tokens: int = 0,
+        bias_grid: int = 7,
+        seq_bias_len: int = 16,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        scale: Optional[float] = None,
+    ):
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or dim % num_heads != 0:
+            raise ValueError(f"AgentAttention: dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        if ndim not in (1, 2):
+            raise ValueError(f"AgentAttention: ndim must be 1 (sequences) or 2 (grids), got {ndim}")
+        if qkv_layout not in ("fused", "split", "none"):
+            raise ValueError(f"AgentAttention: qkv_layout must be 'fused', 'split' or 'none', got {qkv_layout!r}")
+        if agent_num <= 0:
+            raise ValueError(f"AgentAttention: agent_num must be positive, got {agent_num}")
+        p = math.isqrt(agent_num)
+        if ndim == 2 and p * p != agent_num:
+            raise ValueError(
+                f"AgentAttention: agent_num must be a perfect square for 2-D pooling (p x p agents), got {agent_num}"
+            )
+        if num_prefix_tokens and ndim != 2:
+            raise ValueError("AgentAttention: num_prefix_tokens is only supported for 2-D grids")
+        self.dim, self.num_heads, self.agent_num, self.ndim = dim, num_heads, agent_num, ndim
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5 if scale is None else scale
+        self.qkv_layout = qkv_layout
+        self.num_prefix_tokens = num_prefix_tokens
+        self.dwc_name = dwc_name if dwc else None
+        self.agent_shape: HW = (p, p)
+        self.window: Optional[HW] = None
+        h, A = num_heads, agent_num
+
+        def param(*shape):
+            t = nn.Parameter(torch.zeros(*shape))
+            nn.init.trunc_normal_(t, std=0.02)
+            return t
+
+        self.has_agent_bias = agent_bias
+        if agent_bias and ndim == 2:
+            Hs, Ws = to_2tuple_hw(bias_grid if window is None else window, "window")
+            self.window = (Hs, Ws)
+            self.an_bias = param(h, A, bias_grid, bias_grid)
+            self.na_bias = param(h, A, bias_grid, bias_grid)
+            self.ah_bias = param(1, h, A, Hs, 1)
+            self.aw_bias = param(1, h, A, 1, Ws)
+            self.ha_bias = param(1, h, Hs, 1, A)
+            self.wa_bias = param(1, h, 1, Ws, A)
+            if num_prefix_tokens:
+                self.ac_bias = param(1, h, A, num_prefix_tokens)
+                self.ca_bias = param(1, h, num_prefix_tokens, A)
+        elif agent_bias:
+            self.an_bias = param(h, A, seq_bias_len)
+            self.na_bias = param(h, A, seq_bias_len)
+
+        if qkv_layout == "fused":
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        elif qkv_layout == "split":
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        if proj:
+            self.proj = nn.Linear(dim, dim)
+            self.proj_drop = nn.Dropout(proj_drop)
+        else:
+            self.proj = None
+        if dwc:
+            conv = nn.Conv2d if ndim == 2 else nn.Conv1d
+            setattr(self, dwc_name, conv(dim, dim, dwc_kernel, padding=dwc_kernel // 2, groups=dim))
+
+    # ------------------------------------------------------------------ helpers
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, ndim={self.ndim}, "
+            f"agent_shape={self.agent_shape}, window={self.window}, agent_bias={self.has_agent_bias}, "
+            f"dwc={self.dwc_name is not None}, prefix={self.num_prefix_tokens}"
+        )
+
+    def _agent_grid(self) -> Union[HW, int]:
+        if self.ndim == 1:
+            return self.agent_num
+        return to_2tuple_hw(self.agent_shape, "agent_shape")
+
+    def biases(
+        self,
+        query_hw: Optional[HW],
+        key_hw: Optional[HW],
+        n_q: int,
+        n_k: int,
+        q_valid: Optional[Tensor] = None,
+        k_valid: Optional[Tensor] = None,
+    ):
+        """``(agent_bias (1, h, A', Mk), query_bias (1, h, Nq, A'))`` for these grids, or ``None``s.
+
+        ``query_hw``/``key_hw`` are the grids of the (non-prefix) query and key tokens; ``None``
+        means the side has no grid (its spatial bias is skipped). In 1-D mode the sequence lengths
+        ``n_q``/``n_k`` are used instead, or, with the bool masks ``q_valid``/``k_valid`` ``(B, ·)``,
+        each sample's count of valid tokens (so padding does not change the result).
+        """
+        if not self.has_agent_bias:
+            return None, None
+        if self.ndim == 1:
+            if k_valid is None:
+                b1 = resize_1d(self.an_bias, n_k, dim=2)[None]
+            else:
+                b1 = resize_1d_masked(self.an_bias, k_valid)
+            if q_valid is None:
+                b2 = resize_1d(self.na_bias, n_q, dim=2)[None]
+            else:
+                b2 = resize_1d_masked(self.na_bias, q_valid)
+            return b1, b2.transpose(-1, -2)
+        grid = self._agent_grid()
+        p = math.isqrt(self.agent_num)
+        P = self.num_prefix_tokens
+        b1 = b2 = None
+        if key_hw is not None:
+            b1 = agent_bias_2d(self.an_bias, self.ah_bias, self.aw_bias, key_hw, grid)
+            if P:
+                b1 = torch.cat([resize_agents(self.ac_bias[0], 1, (p, p), grid), b1], dim=-1)
+            b1 = b1[None]
+        if query_hw is not None:
+            b2 = query_bias_2d(self.na_bias, self.ha_bias, self.wa_bias, query_hw, grid)
+            if P:
+                b2 = torch.cat([resize_agents(self.ca_bias[0], 2, (p, p), grid), b2], dim=1)
+            b2 = b2[None]
+        return b1, b2
+
+    def _check_tokens(self, x: Tensor, hw, name: str) -> Optional[HW]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"AgentAttention: {name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"AgentAttention: {name} must have shape (batch, tokens, channels), got {tuple(x.shape)}")
+        if hw is None:
+            if self.ndim == 2 and name == "x":
+                raise ValueError("AgentAttention: 2-D module needs the token grid hw=(H, W); build with ndim=1 for sequences")
+            return None
+        if self.ndim == 1:
+            raise ValueError(f"AgentAttention: module was built for sequences (ndim=1) but {name}_hw was given")
+        H, W = to_2tuple_hw(hw, "hw" if name == "x" else f"{name}_hw")
+        P = self.num_prefix_tokens if name == "x" else 0
+        if x.shape[1] != H * W + P:
+            raise ValueError(
+                f"AgentAttention: {name} has {x.shape[1]} tokens but hw={(H, W)} needs H*W{' + prefix' if P else ''} = {H * W + P}"
+            )
+        return H, W
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: Tensor,
+        hw: Optional[Sequence[int]] = None,
+        *,
+        context: Optional[Tensor] = None,
+        context_hw: Optional[Sequence[int]] = None,
+        key_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Self-attention over ``x (B, N, C)`` on the grid ``hw``, or cross-attention to ``context``.
+
+        ``key_padding_mask`` (bool ``(B, M)``, ``True`` = padding) masks keys; in self-attention it
+        also keeps padded tokens out of the agents.
+        """
+        if self.qkv_layout == "none":
+            raise RuntimeError("AgentAttention(qkv_layout='none') has no projections: call attend(q, k, v, hw)")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"AgentAttention: x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
+        C = self.dim
+        if context is None:
+            if self.qkv_layout == "fused":
+                q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(-2)
+            else:
+                q = self.q(x)
+                k, v = self.kv(x).unflatten(-1, (2, C)).unbind(-2)
+            out = self.attend(q, k, v, hw, key_padding_mask=key_padding_mask)
+        else:
+            if context.dim() != 3 or context.shape[-1] != C or context.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"AgentAttention: context must have shape ({x.shape[0]}, tokens, {C}), got {tuple(context.shape)}"
+                )
+            if self.qkv_layout == "fused":
+                w, b = self.qkv.weight, self.qkv.bias
+                q = F.linear(x, w[:C], None if b is None else b[:C])
+                kv = F.linear(context, w[C:], None if b is None else b[C:])
+            else:
+                q, kv = self.q(x), self.kv(context)
+            k, v = kv.unflatten(-1, (2, C)).unbind(-2)
+            out = self.attend(q, k, v, hw, key_hw=context_hw, key_padding_mask=key_padding_mask, cross=True)
+        if self.proj is not None:
+            out = self.proj_drop(self.proj(out))
+        return out
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        hw: Optional[Sequence[int]],
+        *,
+        key_hw: Optional[Sequence[int]] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        cross: bool = False,
+    ) -> Tensor:
+        """Agent attention on projected ``q (B, N, C)``, ``k, v (B, M, C)``; returns ``(B, N, C)``.
+
+        Adds the DWC branch for self-attention (``cross=False``); no output projection.
+        """
+        qhw = self._check_tokens(q, hw, "x")
+        khw = self._check_tokens(k, key_hw, "context") if cross else qhw
+        B, N, C = q.shape
+        if q.shape[-1] != self.dim or k.shape[-1] != C or v.shape[-1] != C:
+            raise ValueError(f"AgentAttention: q/k/v must have {self.dim} channels, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+        if k.shape[:2] != v.shape[:2] or k.shape[0] != B:
+            raise ValueError(f"AgentAttention: k {tuple(k.shape)} and v {tuple(v.shape)} must match each other and batch {B}")
+        M = k.shape[1]
+        P = self.num_prefix_tokens
+        valid = k_valid = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, M):
+                raise ValueError(
+                    f"AgentAttention: key_padding_mask must be bool of shape (batch, keys) = {(B, M)}, "
+                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
+            k_valid = ~key_padding_mask
+            if not cross:
+                valid = k_valid[:, P:]
+        agents = pool_agents(q[:, P:], qhw, self._agent_grid(), valid)
+        n = agents.shape[1]
+        b1, b2 = self.biases(qhw, khw, N, M, valid if self.ndim == 1 else None, k_valid if self.ndim == 1 else None)
+        h, d = self.num_heads, self.head_dim
+
+        def heads(t: Tensor) -> Tensor:
+            return t.unflatten(-1, (h, d)).transpose(1, 2)
+
+        out = agent_attention(
+            heads(q), heads(k), heads(v), heads(agents),
+            agent_bias=b1, query_bias=b2, scale=self.scale,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            key_padding_mask=key_padding_mask,
+        )
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if self.dwc_name is not None and not cross:
+            vp = v[:, P:]
+            if valid is not None:
+                vp = vp * valid[..., None].to(vp.dtype)
+            if qhw is not None:
+                vp = vp.transpose(1, 2).reshape(B, C, *qhw)
+            else:
+                vp = vp.transpose(1, 2)
+            local = getattr(self, self.dwc_name)(vp).flatten(2).transpose(1, 2)
+            out = out + local if P == 0 else torch.cat([out[:, :P], out[:, P:] + local], dim=1)
+        return out
