@@ -17,13 +17,35 @@ This module is the only place in the package where agent attention is computed.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import threading
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps"]
+__all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps", "fused", "fused_enabled"]
+
+_state = threading.local()
+
+
+def fused_enabled() -> bool:
+    """Whether :func:`agent_attention` uses the fused SDPA path (default) in this thread."""
+    return getattr(_state, "fused", True)
+
+
+@contextlib.contextmanager
+def fused(enabled: bool = True) -> Iterator[None]:
+    """Context manager: ``with fused(False):`` routes :func:`agent_attention` through the plain
+    math path (explicit attention maps). Used by benchmarks (the straightforward baseline) and by
+    FLOP counters, which do not see inside fused kernels."""
+    previous = fused_enabled()
+    _state.fused = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.fused = previous
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias, query_bias, key_padding_mask):
@@ -125,6 +147,11 @@ def agent_attention(
     Returns:
         ``(B, h, N, d)`` tensor of the same dtype as ``q``.
     """
+    if not fused_enabled():
+        return agent_attention_math(
+            q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
+            query_scale=query_scale, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+        )
     _check_inputs(q, k, v, agents, agent_bias, query_bias, key_padding_mask)
     d = q.shape[-1]
     s = d ** -0.5 if scale is None else float(scale)
