@@ -353,6 +353,18 @@ class AgentAttention(nn.Module):
             )
         return H, W
 
+    def _check_dtype_device(self, t: Tensor, name: str) -> None:
+        w = next(self.parameters(), None)
+        if w is None:
+            return
+        if t.device != w.device:
+            raise ValueError(f"AgentAttention: {name} is on {t.device} but the module's parameters are on {w.device}")
+        if t.dtype != w.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(
+                f"AgentAttention: {name} has dtype {t.dtype} but the module's parameters are {w.dtype} "
+                "(cast one of them, or run under torch.autocast)"
+            )
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -372,6 +384,9 @@ class AgentAttention(nn.Module):
             raise RuntimeError("AgentAttention(qkv_layout='none') has no projections: call attend(q, k, v, hw)")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"AgentAttention: x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
+        self._check_dtype_device(x, "x")
+        if context is not None:
+            self._check_dtype_device(context, "context")
         C = self.dim
         if context is None:
             if self.qkv_layout == "fused":
