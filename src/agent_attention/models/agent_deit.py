@@ -1,0 +1,404 @@
+"""Agent-DeiT: a DeiT/ViT whose first ``agent_layer`` blocks use agent attention.
+
+The module keeps the official state-dict layout (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.i.{norm1,attn,norm2,mlp}``, ``norm``, ``head``), so released checkpoints load with
+``strict=True``. Unlike the official model it runs at any input size that is a multiple of the
+patch size (also non-square): the position embedding and the agent biases are resized to the
+actual token grid, and at the construction size both resizes are skipped (exact official outputs).
+
+Registered with timm: ``agent_deit_tiny``, ``agent_deit_small``, ``agent_deit_small_448``,
+``agent_deit_base`` and the short aliases of :data:`agent_attention.models.registry.ALIASES`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import AgentAttention, resize_1d, to_2tuple_hw
+from .registry import ALIASES, register_alias
+
+__all__ = [
+    "AgentVisionTransformer", "checkpoint_filter_fn", "parse_agent_num", "deit_agent_num",
+    "unwrap_state_dict", "resize_pos_embed", "resize_agent_bias_tables",
+]
+
+HW = Tuple[int, int]
+# official rule: block i uses agent_num[_PAIR_TO_ENTRY[i // 2]] (blocks 0-1 -> 0, 2-3 -> 1, 4-9 -> 2, 10-11 -> 3)
+_PAIR_TO_ENTRY = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
+AgentNum = Union[int, str, Sequence[Union[int, str]]]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def parse_agent_num(agent_num: AgentNum) -> List[int]:
+    """Agent counts as a list of ints from an int, ``"9-16-49-49"``, or a list of ints/strings."""
+    if isinstance(agent_num, str):
+        items: Sequence = agent_num.split("-")
+    elif isinstance(agent_num, int):
+        items = [agent_num]
+    else:
+        items = list(agent_num)
+    try:
+        out = [int(a) for a in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"agent_num must be an int or a list of ints, got {agent_num!r}") from None
+    if not out or any(a <= 0 for a in out):
+        raise ValueError(f"agent_num must be positive, got {agent_num!r}")
+    return out
+
+
+def deit_agent_num(agent_num: AgentNum, block: int) -> int:
+    """Agent count of DeiT block ``block`` under the official per-pair table.
+
+    A single count applies to every block. Blocks past the table (``block // 2 > 5``, deeper than
+    the official 12) use entry 3, like the last official pair.
+    """
+    counts = parse_agent_num(agent_num)
+    if len(counts) == 1:
+        return counts[0]
+    entry = _PAIR_TO_ENTRY.get(block // 2, 3)
+    if entry >= len(counts):
+        raise ValueError(f"agent_num {counts} has no entry {entry} needed by block {block} (official rule needs 4)")
+    return counts[entry]
+
+
+def unwrap_state_dict(state_dict: Dict) -> Dict[str, Tensor]:
+    """The model weights of a training checkpoint: unwrap ``model``/``model_ema``/``state_dict_ema``/
+    ``state_dict`` and strip ``module.`` prefixes (DDP / ModelEma)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"checkpoint must be a dict, got {type(state_dict).__name__}")
+    for key in ("model", "model_ema", "state_dict_ema", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def resize_pos_embed(pos: Tensor, old_hw: HW, new_hw: HW, num_prefix: int = 0, mode: str = "bicubic") -> Tensor:
+    """Resize a ``(1, P + H·W, C)`` position embedding from grid ``old_hw`` to ``new_hw``.
+
+    Prefix tokens are kept. Identity (the same tensor) when the grids are equal. The dtype is kept
+    (float64 models stay float64). ``mode``: ``"bicubic"`` (timm / official fine-tuning) or
+    ``"bilinear"`` (the official PVT run-time resize).
+    """
+    old_hw, new_hw = tuple(old_hw), tuple(new_hw)
+    if old_hw == new_hw:
+        return pos
+    if pos.shape[1] != num_prefix + old_hw[0] * old_hw[1]:
+        raise ValueError(f"pos_embed has {pos.shape[1]} tokens, expected {num_prefix} + {old_hw[0]}x{old_hw[1]}")
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    C = grid.shape[-1]
+    grid = grid.reshape(1, *old_hw, C).permute(0, 3, 1, 2)
+    extra = dict(antialias=True) if mode == "bicubic" else {}
+    grid = F.interpolate(grid, size=new_hw, mode=mode, align_corners=False, **extra)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], C)
+    return torch.cat([prefix, grid], dim=1) if num_prefix else grid
+
+
+def _square_grid(n: int, what: str) -> HW:
+    s = math.isqrt(n)
+    if s * s != n:
+        raise ValueError(f"cannot infer the grid of {what}: {n} tokens is not a square; resize it yourself")
+    return s, s
+
+
+_AXIS_OF_BIAS = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
+
+
+def resize_agent_bias_tables(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    """Resize the row/column agent biases (``ah/aw/ha/wa_bias``) of ``state_dict`` to the model's
+    shapes along their spatial axis, linearly (as the official fine-tuning loader does)."""
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        leaf = k.rsplit(".", 1)[-1]
+        if leaf in _AXIS_OF_BIAS and k in own and own[k].shape != v.shape and own[k].dim() == v.dim():
+            ax = _AXIS_OF_BIAS[leaf]
+            if own[k].shape[:ax] + own[k].shape[ax + 1:] != v.shape[:ax] + v.shape[ax + 1:]:
+                raise ValueError(f"incompatible checkpoint: {k} has shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
+            state_dict[k] = resize_1d(v, own[k].shape[ax], dim=ax)
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    """Pre-norm transformer block; ``attn`` is :class:`AgentAttention` (with the class token as a
+    prefix token) when ``agent_num`` is given, else timm's softmax :class:`Attention` (SDPA)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, agent_num: Optional[int] = None,
+                 window: Optional[HW] = None, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.is_agent = bool(agent_num)
+        if self.is_agent:
+            self.attn = AgentAttention(dim, num_heads, agent_num, window=window, qkv_layout="fused", qkv_bias=qkv_bias,
+                                       num_prefix_tokens=1, attn_drop=attn_drop, proj_drop=drop)
+        else:
+            self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        y = self.norm1(x)
+        x = x + self.drop_path(self.attn(y, hw) if self.is_agent else self.attn(y))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ------------------------------------------------------------------------------------------ model
+class AgentVisionTransformer(nn.Module):
+    """Agent-DeiT (official ``VisionTransformer`` of Agent Attention) as a timm model.
+
+    Args:
+        img_size: construction size (int or (H, W)); sizes ``pos_embed`` and the agent biases.
+        patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: as ViT.
+        global_pool: ``"token"`` (class token, official) or ``"avg"`` (mean of patch tokens).
+        agent_num: agents per block through the official table (int, ``"49-49-49-49"`` or a list).
+        agent_layer: blocks ``i < agent_layer`` use agent attention (``-1``/None: all; 0: a plain
+            softmax ViT of otherwise identical architecture).
+        drop_rate, attn_drop_rate, drop_path_rate: dropout / stochastic depth (linear over blocks).
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, agent_num: AgentNum = 49,
+                 agent_layer: Optional[int] = -1, norm_eps: float = 1e-6):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if depth <= 0 or embed_dim <= 0 or embed_dim % num_heads:
+            raise ValueError(f"invalid depth {depth} / embed_dim {embed_dim} / num_heads {num_heads}")
+        agent_layer = depth if agent_layer is None or agent_layer == -1 else int(agent_layer)
+        if not 0 <= agent_layer <= depth:
+            raise ValueError(f"agent_layer must be -1 or in [0, depth={depth}], got {agent_layer}")
+        img_hw = to_2tuple_hw(img_size, "img_size")
+        if img_hw[0] % patch_size or img_hw[1] % patch_size:
+            raise ValueError(f"img_size {img_hw} must be a multiple of patch_size {patch_size}")
+        self.num_classes, self.global_pool, self.num_prefix_tokens = num_classes, global_pool, 1
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.patch_size, self.img_size, self.agent_layer = patch_size, img_hw, agent_layer
+        self.grid: HW = (img_hw[0] // patch_size, img_hw[1] // patch_size)
+        self.grad_checkpointing = False
+        norm_layer = lambda d: nn.LayerNorm(d, eps=norm_eps)  # noqa: E731
+
+        # parameters directly on the module first: official state-dict order
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
+        self.patch_embed = PatchEmbed(img_hw, patch_size, in_chans, embed_dim, flatten=False, strict_img_size=False)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.agent_nums = [deit_agent_num(agent_num, i) if i < agent_layer else 0 for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i],
+                  agent_num=self.agent_nums[i] or None, window=self.grid, norm_layer=norm_layer)
+            for i in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self._init_weights()
+
+    # ----------------------------------------------------------------------------- init / timm API
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("token", "avg"):
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------------------------- forward
+    def grid_size(self, img_hw: Sequence[int]) -> HW:
+        """Token grid for an input of size ``img_hw``; ValueError unless a multiple of the patch."""
+        H, W = (int(s) for s in img_hw)
+        p = self.patch_size
+        if H < p or W < p or H % p or W % p:
+            raise ValueError(f"input size {(H, W)} must be a positive multiple of the patch size {p} (Agent-DeiT)")
+        return H // p, W // p
+
+    def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
+        if x.dim() != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        hw = self.grid_size(x.shape[-2:])
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + resize_pos_embed(self.pos_embed, self.grid, hw, num_prefix=1, mode="bicubic")
+        return self.pos_drop(x), hw
+
+    def _run_block(self, blk: Block, x: Tensor, hw: HW) -> Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return checkpoint(blk, x, hw, use_reentrant=False)
+        return blk(x, hw)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Normalised tokens ``(B, 1 + H·W, C)`` (class token first)."""
+        x, hw = self._embed(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x, hw)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm-style intermediate block outputs (NCHW maps or NLC tokens of the patch grid)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        x, (H, W) = self._embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        outs = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x, (H, W))
+            if i in take:
+                outs.append(self.norm(x) if norm else x)
+        prefix = [y[:, :1] for y in outs]
+        outs = [y[:, 1:] for y in outs]
+        if output_fmt == "NCHW":
+            outs = [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in outs]
+        if return_prefix_tokens:
+            outs = list(zip(outs, prefix))
+        if intermediates_only:
+            return outs
+        return self.norm(x), outs
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+
+# ------------------------------------------------------------------------------ checkpoint loading
+def checkpoint_filter_fn(state_dict: Dict, model: AgentVisionTransformer) -> Dict[str, Tensor]:
+    """Official / training checkpoint -> this model: unwrap, strip ``module.``, resize ``pos_embed``
+    (bicubic) and the row/column agent biases (linear) when the checkpoint's grid differs."""
+    out = unwrap_state_dict(state_dict)
+    pos = out.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        if pos.dim() != 3 or pos.shape[-1] != model.pos_embed.shape[-1]:
+            raise ValueError(f"incompatible checkpoint: pos_embed {tuple(pos.shape)} vs model {tuple(model.pos_embed.shape)}")
+        out["pos_embed"] = resize_pos_embed(pos, _square_grid(pos.shape[1] - 1, "pos_embed"), model.grid, 1, "bicubic")
+    return resize_agent_bias_tables(out, model)
+
+
+# ----------------------------------------------------------------------------------- registration
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+        "crop_mode": "squash",  # official eval: square resize to S/0.875, then center crop S
+        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "agent_deit_tiny": _cfg(),
+    "agent_deit_small": _cfg(),
+    "agent_deit_small_448": _cfg(input_size=(3, 448, 448)),
+    "agent_deit_base": _cfg(),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    if pretrained and not any((kwargs.get("pretrained_cfg_overlay") or {}).get(k) for k in ("file", "url", "hf_hub_id")):
+        raise ValueError(
+            f"{variant}: the released weights cannot be downloaded automatically; load a local file with "
+            "agent_attention.models.create_model(name, checkpoint_path=...) or pretrained_cfg_overlay=dict(file=...)"
+        )
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        AgentVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
+    )
+
+
+def _variant(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentVisionTransformer:
+    return _create(variant, pretrained, **{**defaults, **kwargs})
+
+
+_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, agent_num=[49] * 4)
+_SMALL = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, agent_num=[49] * 4)
+_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_num=[81] * 4, agent_layer=4)
+
+
+@register_model
+def agent_deit_tiny(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    """Agent-DeiT-T (224, 49 agents in all 12 blocks; 6.0M params, ImageNet top-1 74.9)."""
+    return _variant("agent_deit_tiny", pretrained, _TINY, kwargs)
+
+
+@register_model
+def agent_deit_small(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    """Agent-DeiT-S (224, 49 agents; 22.7M params, top-1 80.5)."""
+    return _variant("agent_deit_small", pretrained, _SMALL, kwargs)
+
+
+@register_model
+def agent_deit_small_448(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    """Agent-DeiT-S at 448 (28x28 grid; 23.1M params, top-1 83.1)."""
+    return _variant("agent_deit_small_448", pretrained, dict(_SMALL, img_size=448), kwargs)
+
+
+@register_model
+def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    """Agent-DeiT-B (224, 81 agents in blocks 0-3, softmax after; 87.2M params, top-1 82.0)."""
+    return _variant("agent_deit_base", pretrained, _BASE, kwargs)
+
+
+for _alias, _name in ALIASES.items():
+    if _name.startswith("agent_deit_"):
+        register_alias(_alias, globals()[_name])
