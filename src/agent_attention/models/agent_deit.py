@@ -28,7 +28,7 @@ from .registry import ALIASES, register_alias
 
 __all__ = [
     "AgentVisionTransformer", "checkpoint_filter_fn", "parse_agent_num", "deit_agent_num",
-    "unwrap_state_dict", "resize_pos_embed", "resize_agent_bias_tables",
+    "unwrap_state_dict", "resize_pos_embed", "resize_agent_bias_tables", "infer_square_grid", "check_weight_source",
 ]
 
 HW = Tuple[int, int]
@@ -108,7 +108,7 @@ def resize_pos_embed(pos: Tensor, old_hw: HW, new_hw: HW, num_prefix: int = 0, m
     return torch.cat([prefix, grid], dim=1) if num_prefix else grid
 
 
-def _square_grid(n: int, what: str) -> HW:
+def infer_square_grid(n: int, what: str) -> HW:
     s = math.isqrt(n)
     if s * s != n:
         raise ValueError(f"cannot infer the grid of {what}: {n} tokens is not a square; resize it yourself")
@@ -215,6 +215,8 @@ class AgentVisionTransformer(nn.Module):
     # ----------------------------------------------------------------------------- init / timm API
     @torch.no_grad()
     def _init_weights(self) -> None:
+        if self.pos_embed.is_meta:
+            return  # meta device (shape-only build): nothing to initialise
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -331,7 +333,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentVisionTransformer) -> Dic
     if pos is not None and pos.shape != model.pos_embed.shape:
         if pos.dim() != 3 or pos.shape[-1] != model.pos_embed.shape[-1]:
             raise ValueError(f"incompatible checkpoint: pos_embed {tuple(pos.shape)} vs model {tuple(model.pos_embed.shape)}")
-        out["pos_embed"] = resize_pos_embed(pos, _square_grid(pos.shape[1] - 1, "pos_embed"), model.grid, 1, "bicubic")
+        out["pos_embed"] = resize_pos_embed(pos, infer_square_grid(pos.shape[1] - 1, "pos_embed"), model.grid, 1, "bicubic")
     return resize_agent_bias_tables(out, model)
 
 
@@ -353,12 +355,22 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    if pretrained and not any((kwargs.get("pretrained_cfg_overlay") or {}).get(k) for k in ("file", "url", "hf_hub_id")):
+def check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """``pretrained=True`` needs a local source (no download URLs exist): raise instead of timm's
+    silent fallback to random weights."""
+    if not pretrained:
+        return
+    cfgs = [kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")]
+    get = lambda c, k: c.get(k) if isinstance(c, dict) else getattr(c, k, None)  # noqa: E731
+    if not any(c is not None and get(c, k) for c in cfgs for k in ("file", "url", "hf_hub_id", "state_dict")):
         raise ValueError(
             f"{variant}: the released weights cannot be downloaded automatically; load a local file with "
             "agent_attention.models.create_model(name, checkpoint_path=...) or pretrained_cfg_overlay=dict(file=...)"
         )
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
+    check_weight_source(variant, pretrained, kwargs)
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         AgentVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,

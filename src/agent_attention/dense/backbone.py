@@ -1,0 +1,232 @@
+"""Hierarchical agent backbones for dense prediction.
+
+:class:`AgentBackbone` wraps a timm model of the zoo (``agent_pvt_*``, ``agent_swin_*``,
+``agent_cswin_*``; any timm model with ``forward_intermediates`` works too) as a feature extractor
+with the official downstream settings (spec §6.1):
+
+* **agent shapes per stage** for dense inputs: every :class:`~agent_attention.layers.AgentAttention`
+  of stage ``i`` pools its agents to ``agent_shapes[i]`` (PVT ``12-16-28-28``, Swin ``9-12-14-7``);
+  the agent biases keep their classification shapes and are resized at run time, so ImageNet
+  checkpoints load unchanged;
+* **Swin output norms** ``norm0..norm3`` (LayerNorm of each stage output, fresh init) and shifted
+  windows on every odd window block (downstream Swin does not cap the window at the last stage);
+* **any input size**: the image is padded right/bottom to a multiple of ``size_divisor`` (32 = the
+  coarsest stride), so every stage map is exactly ``ceil(H / stride)``;
+* **classification weights**: a checkpoint of the classifier (official ``.pth``, ours, safetensors)
+  is read with the project's safe loader, checked against the classifier (``strict``), loaded, and
+  the classification-only parts (head, final norm) are then dropped. :attr:`load_report` says
+  what was loaded, dropped and freshly initialised.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from timm.models._features import FeatureGetterNet
+from torch import Tensor, nn
+
+from ..layers import AgentAttention
+
+HW = Tuple[int, int]
+
+#: official downstream agent grids per stage (``downstream_agent_shapes`` of the mmdet/mmseg configs)
+OFFICIAL_AGENT_SHAPES: Dict[str, Tuple[HW, ...]] = {
+    "pvt": ((12, 12), (16, 16), (28, 28), (28, 28)),
+    "swin": ((9, 9), (12, 12), (14, 14), (7, 7)),
+}
+
+# stage index of a module from its name in each family's official layout
+_STAGE_PATTERNS = (
+    (re.compile(r"(?:^|\.)block(\d+)\."), 1),   # PVT: block{i}.{j}.attn
+    (re.compile(r"(?:^|\.)layers\.(\d+)\."), 0),  # Swin: layers.{i}.blocks.{j}.attn
+    (re.compile(r"(?:^|\.)stage(\d+)\."), 1),   # CSWin: stage{i}.{j}.attns.{k}
+    (re.compile(r"(?:^|\.)stages\.(\d+)\."), 0),  # timm-style models
+)
+
+AgentShapesSpec = Union[None, str, Sequence[Union[int, Sequence[int]]]]
+
+
+def family_of(name: str) -> Optional[str]:
+    """``'pvt'`` / ``'swin'`` / ``'cswin'`` for the zoo's model names (aliases too), else ``None``."""
+    for fam in ("cswin", "swin", "pvt", "deit"):
+        if name.startswith(f"agent_{fam}"):
+            return fam
+    return None
+
+
+def parse_agent_shapes(spec: AgentShapesSpec, family: Optional[str], num_stages: int = 4) -> Optional[List[HW]]:
+    """Per-stage agent grids from a user spec; ``None`` means "keep the classification grids".
+
+    Accepted: ``None`` / ``"native"`` (keep), ``"official"`` (the family's downstream table; native for
+    families without one), ``"12-16-28-28"`` (square grids), ``"9x9,12x12,14x14,7x7"``, or a sequence
+    of ints / ``(h, w)`` pairs.
+    """
+    if spec is None or (isinstance(spec, str) and spec.lower() in ("native", "none", "")):
+        return None
+    if isinstance(spec, str) and spec.lower() == "official":
+        table = OFFICIAL_AGENT_SHAPES.get(family or "")
+        return [tuple(s) for s in table[:num_stages]] if table else None
+    items: List = []
+    if isinstance(spec, str):
+        parts = re.split(r"[,\-\s]+", spec.strip())
+        for p in parts:
+            if not re.fullmatch(r"\d+(x\d+)?", p):
+                raise ValueError(f"agent_shapes: cannot parse {p!r} in {spec!r} (use e.g. '12-16-28-28' or '9x9,12x12,14x14,7x7')")
+            items.append(tuple(int(v) for v in p.split("x")) if "x" in p else int(p))
+    else:
+        items = list(spec)
+    out: List[HW] = []
+    for it in items:
+        hw = (int(it), int(it)) if isinstance(it, int) else tuple(int(v) for v in it)
+        if len(hw) != 2 or min(hw) <= 0:
+            raise ValueError(f"agent_shapes: each entry must be a positive int or (h, w), got {it!r}")
+        out.append(hw)
+    if len(out) != num_stages:
+        raise ValueError(f"agent_shapes: need one entry per stage ({num_stages}), got {len(out)}: {spec!r}")
+    return out
+
+
+def stage_of(module_name: str) -> Optional[int]:
+    """0-based stage index of a module from its qualified name (official layouts), or ``None``."""
+    for pat, offset in _STAGE_PATTERNS:
+        m = pat.search(module_name)
+        if m:
+            return int(m.group(1)) - offset
+    return None
+
+
+def set_agent_shapes(model: nn.Module, shapes: Optional[Sequence[HW]]) -> Dict[int, int]:
+    """Set ``agent_shape`` of every agent-attention module by stage; returns ``{stage: modules set}``.
+
+    ``shapes=None`` resets each module to its classification grid ``(p, p)``.
+    """
+    counts: Dict[int, int] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, AgentAttention) or mod.ndim != 2:
+            continue
+        stage = stage_of(name)
+        if stage is None:
+            raise ValueError(f"cannot tell the stage of agent module {name!r}; set its agent_shape by hand")
+        if shapes is None:
+            p = math.isqrt(mod.agent_num)
+            mod.agent_shape = (p, p)
+        else:
+            if stage >= len(shapes):
+                raise ValueError(f"agent module {name!r} is in stage {stage} but only {len(shapes)} agent shapes were given")
+            mod.agent_shape = tuple(shapes[stage])
+        counts[stage] = counts.get(stage, 0) + 1
+    return counts
+
+
+def _swin_downstream_windows(model: nn.Module) -> int:
+    """Shift every odd window block (as the downstream Swin, which never caps the window); returns count."""
+    n = 0
+    for layer in getattr(model, "layers", []):
+        for j, blk in enumerate(getattr(layer, "blocks", [])):
+            if j % 2 == 1 and not getattr(blk, "agent", True) and getattr(blk, "shift_size", 1) == 0:
+                blk.shift_size = blk.window_size // 2
+                blk.attn_mask = None  # computed for the actual map size at run time
+                n += int(blk.shift_size > 0)
+    return n
+
+
+class AgentBackbone(nn.Module):
+    """Feature extractor: NCHW maps at strides 4/8/16/32 (``out_indices``) for any input size.
+
+    Args:
+        name: timm model name (``agent_pvt_small``, ``agent_swin_t`` …).
+        out_indices: stages to return.
+        agent_shapes: per-stage agent grids (see :func:`parse_agent_shapes`); ``"official"`` uses the
+            downstream configs' ``12-16-28-28`` (PVT) / ``9-12-14-7`` (Swin).
+        checkpoint: classification checkpoint to start from (path or state dict).
+        strict: the checkpoint must fit the classifier exactly (else a clear error); ``False`` loads
+            the matching entries and warns.
+        output_norms: add ``norm{i}`` LayerNorms on the outputs (default: Swin only, as official).
+        size_divisor: pad inputs right/bottom to a multiple of this.
+        swin_downstream_windows: shift odd window blocks everywhere (official downstream Swin).
+        **model_kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, tiny dims …).
+    """
+
+    def __init__(self, name: str, *, out_indices: Sequence[int] = (0, 1, 2, 3), agent_shapes: AgentShapesSpec = "official",
+                 checkpoint=None, strict: bool = True, output_norms: Optional[bool] = None, size_divisor: int = 32,
+                 swin_downstream_windows: bool = True, **model_kwargs):
+        super().__init__()
+        if name.startswith("agent_"):
+            import agent_attention.models  # noqa: F401  (registers the zoo with timm)
+        if not timm.is_model(name):
+            import difflib
+
+            close = difflib.get_close_matches(name, timm.list_models("agent_*") + timm.list_models(), n=3)
+            raise ValueError(f"unknown backbone {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        self.name, self.family = name, family_of(name)
+        if checkpoint is None:  # no head needed (a checkpoint is checked against the full classifier)
+            model_kwargs.setdefault("num_classes", 0)
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"backbone {name!r} has no forward_intermediates (not a hierarchical timm model)")
+        self.load_report: Dict[str, object] = {"checkpoint": None}
+        full_keys = set(model.state_dict())
+        if checkpoint is not None:
+            from ..models.checkpoints import prepare_state_dict
+
+            state = prepare_state_dict(model, checkpoint, strict=strict)
+            model.load_state_dict(state, strict=False)
+            self.load_report.update(checkpoint=str(checkpoint) if not isinstance(checkpoint, dict) else "<state dict>",
+                                    loaded=len(state))
+        out_indices = tuple(int(i) for i in out_indices)
+        self.body = FeatureGetterNet(model, out_indices=out_indices, norm=False, prune=True)
+        kept = set(self.body.model.state_dict())
+        self.load_report["dropped"] = sorted(full_keys - kept)  # classification-only parts (head, final norm)
+        self.out_indices = out_indices
+        self.out_channels: List[int] = list(self.body.feature_info.channels())
+        self.strides: List[int] = list(self.body.feature_info.reduction())
+        self.size_divisor = int(size_divisor)
+        num_stages = len(getattr(model, "feature_info", [])) or (max(out_indices) + 1)
+        self.agent_shapes = parse_agent_shapes(agent_shapes, self.family, num_stages)
+        self.agent_modules = set_agent_shapes(self.body.model, self.agent_shapes)
+        self.shifted_blocks = _swin_downstream_windows(self.body.model) if (self.family == "swin" and swin_downstream_windows) else 0
+        if output_norms is None:
+            output_norms = self.family == "swin"
+        self.output_norms = bool(output_norms)
+        fresh = []
+        if self.output_norms:
+            for i, c in zip(out_indices, self.out_channels):
+                self.add_module(f"norm{i}", LayerNorm2d(c, eps=1e-5))
+                fresh += [f"norm{i}.weight", f"norm{i}.bias"]
+        self.load_report["fresh"] = fresh
+
+    def pad(self, x: Tensor) -> Tensor:
+        """Zero-pad right/bottom to a multiple of :attr:`size_divisor`."""
+        d = self.size_divisor
+        ph, pw = (-x.shape[-2]) % d, (-x.shape[-1]) % d
+        return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"AgentBackbone expects images (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+        feats = self.body(self.pad(x))
+        if self.output_norms:
+            feats = [getattr(self, f"norm{i}")(f) for i, f in zip(self.out_indices, feats)]
+        return list(feats)
+
+    def describe(self) -> str:
+        """One paragraph on the settings and the weight loading (for logs)."""
+        r = self.load_report
+        shapes = "classification" if self.agent_shapes is None else "-".join(f"{h}x{w}" for h, w in self.agent_shapes)
+        s = (f"backbone {self.name}: channels {self.out_channels}, strides {self.strides}, agent shapes {shapes} "
+             f"({sum(self.agent_modules.values())} agent modules)")
+        if self.shifted_blocks:
+            s += f", {self.shifted_blocks} window blocks shifted (downstream rule)"
+        if r.get("checkpoint"):
+            s += f"; loaded {r['loaded']} tensors from {r['checkpoint']}, dropped {len(r['dropped'])} classification-only"
+        else:
+            s += "; random init"
+        if r.get("fresh"):
+            s += f", fresh: {', '.join(r['fresh'])}"
+        return s
+

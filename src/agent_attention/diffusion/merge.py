@@ -1,0 +1,219 @@
+"""Token merging for AgentSD: bipartite soft matching on a 2-D token grid (ToMe for SD) that also
+produces the agent tokens by a stronger merge of the same tokens.
+
+The ``N = h·w`` tokens of a grid are split into *destinations* (one per ``sy × sx`` cell, at a random
+or the top-left position of the cell) and *sources* (every other token, including the rows and
+columns that do not fill a whole cell).  Each source is paired with its most cosine-similar
+destination; the ``r = int(N·ratio)`` best-paired sources are averaged into their destination, the
+others stay.  Agents are built the same way with ``agent_r = int(N·agent_ratio)`` merges, and only
+when they are fewer than half the merged tokens: ``(N - agent_r)·2 < N - r``.
+
+Both merges and the unmerge are expressed through one index map ``slot`` (B, N): the row of the
+merged tensor that each original token belongs to.  Merging is a scatter-mean over ``slot``,
+unmerging a gather by ``slot`` (every token receives the output of its row, so a merged source gets
+a copy of its destination's output).
+
+    >>> import torch
+    >>> x = torch.randn(2, 8 * 8, 16)
+    >>> merged, agents, unmerge = merge_tokens(x, (8, 8), sx=4, sy=4, ratio=0.4, agent_ratio=0.95)
+    >>> merged.shape, agents.shape, unmerge(merged).shape
+    (torch.Size([2, 39, 16]), torch.Size([2, 4, 16]), torch.Size([2, 64, 16]))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["TokenMatch", "match_tokens", "merge_tokens", "merge_counts", "destination_partition"]
+
+
+def _check_settings(hw: Tuple[int, int], sx: int, sy: int, ratio: float, agent_ratio: float) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in hw)
+    except (TypeError, ValueError):
+        raise TypeError(f"token merging: hw must be a pair of ints (height, width), got {hw!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"token merging: grid size must be positive, got {(h, w)}")
+    for name, s in (("sx", sx), ("sy", sy)):
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise ValueError(f"token merging: {name} must be a positive int, got {s!r}")
+    for name, value in (("ratio", ratio), ("agent_ratio", agent_ratio)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"token merging: {name} must be in [0, 1], got {value!r}")
+    return h, w
+
+
+def merge_counts(hw: Tuple[int, int], *, sx: int, sy: int, ratio: float, agent_ratio: float = 0.0) -> Tuple[int, Optional[int]]:
+    """Token counts without running anything: ``(merged tokens, agents or None)``.
+
+    >>> merge_counts((64, 64), sx=4, sy=4, ratio=0.4, agent_ratio=0.95)   # paper, steps 0-19
+    (2458, 256)
+    >>> merge_counts((64, 64), sx=2, sy=2, ratio=0.4, agent_ratio=0.5)    # steps >= 20: ToMe only
+    (2458, None)
+    """
+    h, w = _check_settings(hw, sx, sy, ratio, agent_ratio)
+    n = h * w
+    num_dst = (h // sy) * (w // sx)
+    num_src = n - num_dst
+    r = min(int(n * ratio), num_src) if num_dst > 0 else 0
+    if r <= 0:
+        return n, None
+    agent_r = min(int(n * agent_ratio), num_src)
+    if (n - agent_r) * 2 < n - r:
+        return n - r, n - agent_r
+    return n - r, None
+
+
+def destination_partition(
+    hw: Tuple[int, int], sx: int, sy: int, *, use_rand: bool = False,
+    generator: Optional[torch.Generator] = None, device=None,
+) -> Tuple[Tensor, Tensor]:
+    """Split the row-major ``h × w`` grid into ``(dst, src)`` token indices.
+
+    Every full ``sy × sx`` cell contributes one destination: a uniformly random position of the cell
+    (``use_rand=True``, drawn with ``generator``) or its top-left token (``use_rand=False``).  Tokens
+    of the last rows/columns that do not fill a cell are always sources.  Both index tensors are in
+    increasing (row-major) order.
+    """
+    h, w = (int(v) for v in hw)
+    cells_y, cells_x = h // sy, w // sx
+    if use_rand:
+        gen_device = generator.device if generator is not None else device
+        offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=gen_device).to(device)
+    else:
+        offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
+    rows = torch.arange(cells_y, device=device)[:, None] * sy + offset // sx
+    cols = torch.arange(cells_x, device=device)[None, :] * sx + offset % sx
+    is_dst = torch.zeros(h * w, dtype=torch.bool, device=device)
+    is_dst[(rows * w + cols).reshape(-1)] = True
+    return is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)
+
+
+def _scatter_mean(x: Tensor, slot: Tensor, rows: int) -> Tensor:
+    B, _, C = x.shape
+    out = x.new_zeros(B, rows, C)
+    return out.scatter_reduce(1, slot[..., None].expand(-1, -1, C), x, reduce="mean", include_self=False)
+
+
+@dataclass
+class TokenMatch:
+    """One matching on one batch of token grids; apply it to any ``(B, N, C)`` tensor.
+
+    ``slot`` (B, N) maps each token to its row of the merged tensor (``None``: no merging),
+    ``agent_slot`` (B, N) to its row of the agent tensor (``None``: no agents).
+    """
+
+    num_tokens: int
+    num_merged: int
+    slot: Optional[Tensor] = None
+    num_agents: Optional[int] = None
+    agent_slot: Optional[Tensor] = None
+
+    @property
+    def has_agents(self) -> bool:
+        return self.agent_slot is not None
+
+    def _check(self, x: Tensor, n: int, what: str) -> None:
+        if x.dim() != 3 or x.shape[1] != n:
+            raise ValueError(f"TokenMatch.{what}: expected (batch, {n}, channels), got {tuple(x.shape)}")
+        if self.slot is not None and x.shape[0] != self.slot.shape[0]:
+            raise ValueError(f"TokenMatch.{what}: batch {x.shape[0]} does not match the matching's batch {self.slot.shape[0]}")
+
+    def merge(self, x: Tensor) -> Tensor:
+        """``(B, N, C) -> (B, N - r, C)``: merged sources averaged into their destination."""
+        self._check(x, self.num_tokens, "merge")
+        return x if self.slot is None else _scatter_mean(x, self.slot, self.num_merged)
+
+    def agents(self, x: Tensor) -> Optional[Tensor]:
+        """``(B, N, C) -> (B, N - agent_r, C)`` agent tokens, or ``None`` when the matching has none."""
+        self._check(x, self.num_tokens, "agents")
+        return None if self.agent_slot is None else _scatter_mean(x, self.agent_slot, self.num_agents)
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """``(B, N - r, C) -> (B, N, C)``: every token takes the output of the row it was merged into."""
+        self._check(y, self.num_merged, "unmerge")
+        if self.slot is None:
+            return y
+        return y.gather(1, self.slot[..., None].expand(-1, -1, y.shape[-1]))
+
+
+def _slots(order: Tensor, partner: Tensor, src: Tensor, dst: Tensor, r: int, n: int) -> Tensor:
+    """Index map for a merge of the ``r`` best sources: rows ``[kept sources ; destinations]``."""
+    B, num_src = order.shape
+    num_kept = num_src - r
+    slot = torch.empty(B, n, dtype=torch.long, device=order.device)
+    slot[:, dst] = torch.arange(num_kept, num_kept + dst.numel(), device=order.device)
+    kept, moved = order[:, r:], order[:, :r]
+    src_b = src.expand(B, -1)
+    slot.scatter_(1, src_b.gather(1, kept), torch.arange(num_kept, device=order.device).expand(B, -1))
+    slot.scatter_(1, src_b.gather(1, moved), num_kept + partner.gather(1, moved))
+    return slot
+
+
+@torch.no_grad()
+def match_tokens(
+    metric: Tensor,
+    hw: Tuple[int, int],
+    *,
+    sx: int = 2,
+    sy: int = 2,
+    ratio: float = 0.5,
+    agent_ratio: float = 0.0,
+    use_rand: bool = False,
+    generator: Optional[torch.Generator] = None,
+    fp32: bool = False,
+) -> TokenMatch:
+    """Bipartite soft matching of the tokens of ``metric`` (B, h·w, C) on the ``hw`` grid.
+
+    Args:
+        metric: the features whose cosine similarity decides the pairs (AgentSD: the normalised
+            hidden states entering the self-attention).
+        hw: ``(h, w)`` of the token grid, row-major; need not be divisible by ``sy``, ``sx``.
+        sx, sy: destination stride: one destination per ``sy × sx`` cell.
+        ratio: fraction of the tokens removed by merging (``r = int(N·ratio)``, clipped to the
+            number of sources).  ``ratio = 0`` gives the identity and no agents.
+        agent_ratio: the same for the agent set; agents exist only if ``(N - agent_r)·2 < N - r``.
+        use_rand: random destination in each cell (drawn from ``generator``); otherwise top-left.
+        generator: a ``torch.Generator`` for reproducible random destinations.
+        fp32: compute the similarities in float32 (the norms always are).
+    """
+    if not isinstance(metric, Tensor) or metric.dim() != 3:
+        raise ValueError(f"match_tokens: metric must be a (batch, tokens, channels) tensor, got {getattr(metric, 'shape', type(metric))}")
+    h, w = _check_settings(hw, sx, sy, ratio, agent_ratio)
+    B, n, _ = metric.shape
+    if n != h * w:
+        raise ValueError(f"match_tokens: {n} tokens do not form the {h}x{w} grid (expected {h * w})")
+    num_merged, num_agents = merge_counts((h, w), sx=sx, sy=sy, ratio=ratio, agent_ratio=agent_ratio)
+    if num_merged == n:
+        return TokenMatch(num_tokens=n, num_merged=n)
+    dst, src = destination_partition((h, w), sx, sy, use_rand=use_rand, generator=generator, device=metric.device)
+    unit = metric.float()
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    unit = unit if fp32 else unit.to(metric.dtype)
+    scores = unit[:, src] @ unit[:, dst].transpose(1, 2)  # (B, sources, destinations)
+    best, partner = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True, stable=True)  # most similar sources first
+    slot = _slots(order, partner, src, dst, n - num_merged, n)
+    match = TokenMatch(num_tokens=n, num_merged=num_merged, slot=slot)
+    if num_agents is not None:
+        match.num_agents = num_agents
+        match.agent_slot = _slots(order, partner, src, dst, n - num_agents, n)
+    return match
+
+
+def merge_tokens(
+    x: Tensor,
+    hw: Tuple[int, int],
+    *,
+    metric: Optional[Tensor] = None,
+    **settings,
+) -> Tuple[Tensor, Optional[Tensor], Callable[[Tensor], Tensor]]:
+    """Merge ``x`` (B, h·w, C) and build its agents: returns ``(merged, agents_or_None, unmerge)``.
+
+    ``metric`` defaults to ``x``; ``settings`` are those of :func:`match_tokens`.
+    """
+    match = match_tokens(x if metric is None else metric, hw, **settings)
+    return match.merge(x), match.agents(x), match.unmerge

@@ -1,0 +1,393 @@
+"""Agent-PVT: the Pyramid Vision Transformer of Agent Attention as a timm model.
+
+Official state-dict layout (``pos_embed{i}``, ``patch_embed{i}.{proj,norm}``, ``block{i}.{j}`` with
+``attn.{q,kv,proj,dwc}`` and the agent biases, ``head``; no final norm, no class token), so the
+released checkpoints load with ``strict=True``. Runs at any input size of at least 32×32 (also
+non-square; strided convs drop trailing rows/columns like the official backbone): position
+embeddings are bilinearly resized to the stage grids (as the official code) and the agent biases by
+:class:`~agent_attention.layers.AgentAttention`; at the construction size no resize happens.
+
+Hierarchical timm API: ``feature_info``, ``forward_intermediates``, ``prune_intermediate_layers`` and
+``timm.create_model(name, features_only=True)`` (4 NCHW maps at strides 4/8/16/32).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import AgentAttention, to_2tuple_hw
+from .agent_deit import (AgentNum, infer_square_grid, check_weight_source, parse_agent_num, resize_agent_bias_tables,
+                         resize_pos_embed, unwrap_state_dict)
+from .registry import ALIASES, register_alias
+
+__all__ = ["AgentPyramidVisionTransformer", "SRAttention", "checkpoint_filter_fn"]
+
+HW = Tuple[int, int]
+
+
+class PatchEmbed(nn.Module):
+    """Strided conv + LayerNorm (eps 1e-5, as the official patch embeds); returns tokens and grid."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, HW]:
+        x = self.proj(x)
+        hw = (x.shape[-2], x.shape[-1])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw
+
+
+class SRAttention(nn.Module):
+    """PVT spatial-reduction softmax attention ('B' stages): keys/values from a strided conv of the
+    tokens (``sr``, kernel = stride = ``sr_ratio``) + LayerNorm (``norm``, eps 1e-5); SDPA."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, sr_ratio: int = 1):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
+        if self.sr_ratio > 1:
+            if min(hw) < self.sr_ratio:
+                raise ValueError(f"grid {hw} is smaller than the spatial-reduction ratio {self.sr_ratio}")
+            x = self.sr(x.transpose(1, 2).reshape(B, C, *hw)).flatten(2).transpose(1, 2)
+            x = self.norm(x)
+        k, v = self.kv(x).reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """Pre-norm block (LN eps 1e-6): agent attention (``agent_num``) or spatial-reduction attention."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, qk_scale: Optional[float],
+                 drop: float, attn_drop: float, drop_path: float, window: HW, agent_num: Optional[int],
+                 sr_ratio: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        if agent_num:
+            self.attn = AgentAttention(dim, num_heads, agent_num, window=window, qkv_layout="split",
+                                       qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        else:
+            self.attn = SRAttention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _per_stage(value, n: int, what: str) -> list:
+    if isinstance(value, (int, float)):
+        return [value] * n
+    value = list(value)
+    if len(value) < n:
+        raise ValueError(f"{what} needs {n} entries (one per stage), got {value}")
+    return value[:n]
+
+
+class AgentPyramidVisionTransformer(nn.Module):
+    """Agent-PVT (official ``PyramidVisionTransformer`` of Agent Attention).
+
+    Args:
+        img_size: construction size (int or (H, W)): sizes ``pos_embed{i}`` and the agent biases
+            (window of stage ``i`` = its grid, ``img/4``, ``/8``, ``/16``, ``/32``).
+        patch_size: stride of the first patch embed (later ones use 2).
+        embed_dims, num_heads, mlp_ratios, depths: per stage (an int applies to all stages).
+        agent_num: agents per stage (int, ``"9-16-49-49"``, list of ints or strings).
+        attn_type: one letter per stage, ``'A'`` agent attention, ``'B'`` PVT spatial-reduction
+            attention with ``sr_ratios``.
+        agent_sr_ratios: spatial reduction of agent stages (one digit per stage); only ``1``.
+        qk_scale: scale of 'B' attention only (agent attention always uses ``head_dim ** -0.5``).
+        global_pool: ``"avg"`` (mean over the last stage's tokens, official) or ``""``.
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "avg",
+                 embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
+                 mlp_ratios: Sequence[float] = (8, 8, 4, 4), qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 depths: Sequence[int] = (2, 2, 2, 2), sr_ratios: Sequence[int] = (8, 4, 2, 1),
+                 agent_sr_ratios: Union[str, Sequence[int]] = "1111", num_stages: int = 4,
+                 agent_num: AgentNum = (9, 16, 49, 49), attn_type: Optional[str] = "AAAA", norm_eps: float = 1e-6):
+        super().__init__()
+        S = num_stages
+        if S < 1:
+            raise ValueError(f"num_stages must be >= 1, got {S}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        embed_dims, num_heads = _per_stage(embed_dims, S, "embed_dims"), _per_stage(num_heads, S, "num_heads")
+        mlp_ratios, depths = _per_stage(mlp_ratios, S, "mlp_ratios"), _per_stage(depths, S, "depths")
+        sr_ratios = _per_stage(sr_ratios, S, "sr_ratios")
+        agents = parse_agent_num(agent_num)
+        agents = _per_stage(agents * S if len(agents) == 1 else agents, S, "agent_num")
+        attn_type = (attn_type or "A" * S).upper()
+        if len(attn_type) < S or set(attn_type[:S]) - {"A", "B"}:
+            raise ValueError(f"attn_type must have one letter 'A' (agent) or 'B' (PVT attention) per stage, got {attn_type!r}")
+        agent_sr = [int(r) for r in (agent_sr_ratios if not isinstance(agent_sr_ratios, int) else str(agent_sr_ratios))]
+        agent_sr = _per_stage(agent_sr, S, "agent_sr_ratios")
+        for i in range(S):
+            if attn_type[i] == "A" and agent_sr[i] != 1:
+                raise NotImplementedError(
+                    f"agent_sr_ratios[{i}] = {agent_sr[i]}: agent attention with spatial reduction is not "
+                    "implemented (no released model uses it); use 1"
+                )
+        img_hw = to_2tuple_hw(img_size, "img_size")
+        self.num_classes, self.global_pool, self.num_stages = num_classes, global_pool, S
+        self.patch_size, self.img_size, self.attn_type = patch_size, img_hw, attn_type[:S]
+        self.embed_dims, self.agent_nums = list(embed_dims), [agents[i] if attn_type[i] == "A" else 0 for i in range(S)]
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+        # construction grids: S/4, S/8, ... (floor at every stride-2 stage, like the convs)
+        grids, g = [], (img_hw[0] // patch_size, img_hw[1] // patch_size)
+        for i in range(S):
+            grids.append(g)
+            g = (g[0] // 2, g[1] // 2)
+        if min(grids[-1]) < 1:
+            raise ValueError(f"img_size {img_hw} too small: needs at least {patch_size * 2 ** (S - 1)} pixels per side")
+        self.grids: List[HW] = grids
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        cur = 0
+        for i in range(S):
+            dim, prev = embed_dims[i], in_chans if i == 0 else embed_dims[i - 1]
+            setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch_size if i == 0 else 2, prev, dim))
+            setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grids[i][0] * grids[i][1], dim)))
+            setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
+            setattr(self, f"block{i + 1}", nn.ModuleList(
+                Block(dim, num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[cur + j],
+                      grids[i], self.agent_nums[i] or None, sr_ratios[i], norm_eps)
+                for j in range(depths[i])
+            ))
+            cur += depths[i]
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"block{i + 1}") for i in range(S)
+        ]
+        self._init_weights()
+
+    # ----------------------------------------------------------------------------- init / timm API
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        if self.pos_embed1.is_meta:
+            return  # meta device (shape-only build): nothing to initialise
+        for i in range(self.num_stages):
+            trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"cls_token"}  # as the official model: the pos_embeds ARE weight-decayed
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        blocks = r"^(?:block|patch_embed|pos_embed)(\d+)" if coarse else [
+            (r"^(?:patch_embed|pos_embed)(\d+)", (-1,)), (r"^block(\d+)\.(\d+)", None)]
+        return dict(stem=r"^(?:patch_embed|pos_embed)1\b", blocks=blocks)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------------------------- forward
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        need = self.patch_size * 2 ** (self.num_stages - 1)
+        if x.shape[-2] < need or x.shape[-1] < need:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} too small for Agent-PVT: needs at least {need}x{need}")
+
+    def _stage(self, i: int, x: Tensor) -> Tuple[Tensor, HW]:
+        """Stage ``i`` (0-based) on an NCHW input; returns tokens ``(B, H·W, C)`` and the grid."""
+        x, hw = getattr(self, f"patch_embed{i + 1}")(x)
+        pos = resize_pos_embed(getattr(self, f"pos_embed{i + 1}"), self.grids[i], hw, 0, mode="bilinear")
+        x = getattr(self, f"pos_drop{i + 1}")(x + pos)
+        for blk in getattr(self, f"block{i + 1}"):
+            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                x = checkpoint(blk, x, hw, use_reentrant=False)
+            else:
+                x = blk(x, hw)
+        return x, hw
+
+    @staticmethod
+    def _to_nchw(x: Tensor, hw: HW) -> Tensor:
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Last-stage map ``(B, C, H/32, W/32)``."""
+        self._check_input(x)
+        for i in range(self.num_stages):
+            x = self._to_nchw(*self._stage(i, x))
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x.flatten(2).mean(-1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs as NCHW maps (or NLC tokens); ``norm`` is accepted for timm compatibility
+        (Agent-PVT has no final norm)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        last = max_index if stop_early or intermediates_only else self.num_stages - 1
+        outs = []
+        for i in range(last + 1):
+            tokens, hw = self._stage(i, x)
+            x = self._to_nchw(tokens, hw)
+            if i in take:
+                outs.append(x if output_fmt == "NCHW" else tokens)
+        if intermediates_only:
+            return outs
+        return x, outs
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            for name in ("patch_embed", "pos_embed", "pos_drop", "block"):
+                delattr(self, f"{name}{i + 1}")
+        self.num_stages = max_index + 1
+        self.grids, self.feature_info = self.grids[: max_index + 1], self.feature_info[: max_index + 1]
+        self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        if prune_head or max_index < len(self.embed_dims) - 1:
+            self.reset_classifier(0)
+        return take
+
+
+# ------------------------------------------------------------------------------ checkpoint loading
+def checkpoint_filter_fn(state_dict: Dict, model: AgentPyramidVisionTransformer) -> Dict[str, Tensor]:
+    """Official / training checkpoint -> this model: unwrap, strip ``module.``, resize ``pos_embed{i}``
+    (bilinear, as the official run-time resize) and row/column agent biases (linear) to the model's
+    construction grids."""
+    out = unwrap_state_dict(state_dict)
+    for i in range(model.num_stages):
+        key, own = f"pos_embed{i + 1}", getattr(model, f"pos_embed{i + 1}")
+        pos = out.get(key)
+        if pos is not None and pos.shape != own.shape:
+            if pos.dim() != 3 or pos.shape[-1] != own.shape[-1]:
+                raise ValueError(f"incompatible checkpoint: {key} {tuple(pos.shape)} vs model {tuple(own.shape)}")
+            out[key] = resize_pos_embed(pos, infer_square_grid(pos.shape[1], key), model.grids[i], 0, "bilinear")
+    return resize_agent_bias_tables(out, model)
+
+
+# ----------------------------------------------------------------------------------- registration
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+        "crop_mode": "squash",  # official eval: square resize to int(S * 256 / 224), center crop S
+        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed1.proj", "classifier": "head", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "agent_pvt_tiny": _cfg(),
+    "agent_pvt_small": _cfg(),
+    "agent_pvt_medium": _cfg(),
+    "agent_pvt_medium_256": _cfg(input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=256 / 292),
+    "agent_pvt_large": _cfg(),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
+    check_weight_source(variant, pretrained, kwargs)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        AgentPyramidVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
+    )
+
+
+_COMMON = dict(patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
+               qkv_bias=True, agent_num=[9, 16, 49, 49], attn_type="AAAA", agent_sr_ratios="1111")
+
+
+def _variant(variant: str, pretrained: bool, depths: List[int], kwargs: dict, **extra):
+    return _create(variant, pretrained, **{**_COMMON, "depths": depths, **extra, **kwargs})
+
+
+@register_model
+def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
+    """Agent-PVT-T (depths 2-2-2-2; 11.6M params, ImageNet top-1 78.4)."""
+    return _variant("agent_pvt_tiny", pretrained, [2, 2, 2, 2], kwargs)
+
+
+@register_model
+def agent_pvt_small(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
+    """Agent-PVT-S (depths 3-4-6-3; 20.6M params, top-1 82.2)."""
+    return _variant("agent_pvt_small", pretrained, [3, 4, 6, 3], kwargs)
+
+
+@register_model
+def agent_pvt_medium(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
+    """Agent-PVT-M (depths 3-4-18-3; 35.9M params, top-1 83.4)."""
+    return _variant("agent_pvt_medium", pretrained, [3, 4, 18, 3], kwargs)
+
+
+@register_model
+def agent_pvt_medium_256(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
+    """Agent-PVT-M at 256 (grids 64/32/16/8; 36.1M params, top-1 83.8)."""
+    return _variant("agent_pvt_medium_256", pretrained, [3, 4, 18, 3], kwargs, img_size=256)
+
+
+@register_model
+def agent_pvt_large(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
+    """Agent-PVT-L (official config file agent_pvt_b.yaml; depths 3-8-27-3; 48.7M params, top-1 83.7)."""
+    return _variant("agent_pvt_large", pretrained, [3, 8, 27, 3], kwargs)
+
+
+for _alias, _name in ALIASES.items():
+    if _name.startswith("agent_pvt_"):
+        register_alias(_alias, globals()[_name])

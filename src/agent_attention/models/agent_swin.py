@@ -1,0 +1,528 @@
+"""Agent-Swin (Han et al., ECCV 2024): Swin Transformer with agent attention in the early stages.
+
+Official layout and names (``patch_embed``, ``layers.i.blocks.j``, ``layers.i.downsample`` at the
+end of stages 0–2, ``norm``, ``head``), so the released checkpoints load with ``strict=True``.
+Blocks of a stage marked ``'A'`` in ``attn_type`` run :class:`~agent_attention.layers.AgentAttention`
+over the whole stage map; ``'B'`` blocks run (shifted-)window softmax attention; ``'M'`` stages mix
+(``'AAMB2'``: the first 2 blocks of stage 3 are agent blocks).
+
+Unlike the official classifier the model accepts any input size, square or not: the image is padded
+to the patch size, agent blocks work on the actual map (biases resized), window blocks pad to
+multiples of the window (padded keys are masked) and compute their shift mask for that size, and
+patch merging pads odd maps.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as ckpt
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from ..layers import AgentAttention
+from ._common import (HW, check_image, img_size_2d, pad_hw, parse_attn_type, parse_int_list,
+                      resize_agent_bias, resize_rel_pos_table, resolve_norm_layer, take_indices, to_nchw,
+                      unwrap_state_dict, window_partition, window_reverse)
+from .registry import ALIASES, register_alias
+
+__all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMerging", "checkpoint_filter_fn"]
+
+_GEOMETRY_BUFFERS = ("relative_position_index", "attn_mask")
+
+
+def relative_position_index(window: HW, table_window: int) -> Tensor:
+    """Index ``(wh·ww, wh·ww)`` into a ``((2s-1)², h)`` relative position table (``s = table_window``)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)
+    return rel[..., 0] * (2 * table_window - 1) + rel[..., 1]
+
+
+def shifted_window_mask(hw: HW, padded: HW, window: HW, shift: HW, device=None) -> Optional[Tensor]:
+    """Additive mask ``(nW, N, N)`` (0 / -100) of the shifted-window scheme, or ``None`` if not needed.
+
+    Tokens of different regions of the rolled map (standard Swin labelling) may not attend to each
+    other, and no token attends to the padding added at the bottom/right of an ``hw`` map.
+    """
+    if not any(shift) and tuple(hw) == tuple(padded):
+        return None
+    Hp, Wp = padded
+    label = torch.zeros(1, Hp, Wp, 1, device=device)
+
+    def slices(w, s):
+        return (slice(0, -w), slice(-w, -s), slice(-s, None)) if s else (slice(None),)
+
+    cnt = 0
+    for hs in slices(window[0], shift[0]):
+        for ws in slices(window[1], shift[1]):
+            label[:, hs, ws, :] = cnt
+            cnt += 1
+    if tuple(hw) != tuple(padded):
+        pad = torch.ones(1, Hp, Wp, 1, device=device)
+        pad[:, : hw[0], : hw[1]] = 0
+        label = label * 2 + torch.roll(pad, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    m = window_partition(label, window).squeeze(-1)
+    m = m.unsqueeze(1) - m.unsqueeze(2)
+    return m.masked_fill(m != 0, float(-100.0)).masked_fill(m == 0, float(0.0))
+
+
+class WindowAttention(nn.Module):
+    """Swin W-MSA: softmax attention in windows with a learned relative position bias (SDPA)."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"WindowAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index((window_size,) * 2, window_size))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._index_cache: Dict[tuple, Tensor] = {}
+
+    def position_bias(self, window: HW) -> Tensor:
+        """Relative position bias ``(h, N, N)`` for a ``window`` no larger than the table's."""
+        idx = self.relative_position_index
+        if tuple(window) != (self.window_size, self.window_size):
+            key = (tuple(window), idx.device)
+            if key not in self._index_cache:
+                self._index_cache[key] = relative_position_index(window, self.window_size).to(idx.device)
+            idx = self._index_cache[key]
+        N = window[0] * window[1]
+        return self.relative_position_bias_table[idx.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor, window: HW, mask: Optional[Tensor] = None) -> Tensor:
+        """``x (B·nW, N, C)`` windows of size ``window``; ``mask (nW, N, N)`` additive or ``None``."""
+        B_, N, C = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.position_bias(window).unsqueeze(0)
+        if mask is not None:  # windows of one image side by side as extra heads: the mask broadcasts
+            nW = mask.shape[0]
+            bias = (bias + mask.unsqueeze(1).to(bias.dtype)).reshape(1, nW * h, N, N)
+            q, k, v = (t.reshape(B_ // nW, nW * h, N, C // h) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )
+        out = out.reshape(B_, h, N, C // h).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class AgentSwinBlock(nn.Module):
+    """Pre-norm Swin block with agent attention (``agent=True``) or (shifted-)window attention."""
+
+    def __init__(self, dim: int, input_resolution: HW, num_heads: int, window_size: int = 7, shift_size: int = 0,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=nn.LayerNorm, agent: bool = False,
+                 agent_num: int = 49):
+        super().__init__()
+        self.dim, self.num_heads, self.agent = dim, num_heads, agent
+        self.input_resolution: HW = tuple(input_resolution)
+        self.global_attn = False
+        if min(self.input_resolution) <= window_size:  # official rule: the window covers the map
+            shift_size, window_size = 0, min(self.input_resolution)
+            self.global_attn = agent  # agent blocks then attend over the whole (actual) map
+        self.window_size, self.shift_size = window_size, shift_size
+        self.norm1 = norm_layer(dim)
+        if agent:
+            window = self.input_resolution if self.global_attn else (window_size, window_size)
+            self.attn = AgentAttention(dim, num_heads, agent_num, window=window, qkv_bias=qkv_bias,
+                                       attn_drop=attn_drop, proj_drop=drop)
+        else:
+            self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        mask = None
+        if shift_size > 0:
+            H, W = self.input_resolution
+            padded = (-(-H // window_size) * window_size, -(-W // window_size) * window_size)
+            mask = shifted_window_mask((H, W), padded, (window_size,) * 2, (shift_size,) * 2)
+        self.register_buffer("attn_mask", mask)  # persistent, as in the official checkpoints
+        self._mask_cache: Dict[tuple, Optional[Tensor]] = {}
+
+    def _geometry(self, hw: HW) -> Tuple[HW, HW, HW]:
+        """(window, shift, padded size) for an actual map ``hw``."""
+        H, W = hw
+        win = (min(self.window_size, H), min(self.window_size, W))
+        shift = (self.shift_size if H > win[0] else 0, self.shift_size if W > win[1] else 0)
+        padded = (-(-H // win[0]) * win[0], -(-W // win[1]) * win[1])
+        return win, shift, padded
+
+    def _mask(self, hw: HW, win: HW, shift: HW, padded: HW, ref: Tensor) -> Optional[Tensor]:
+        if self.attn_mask is not None and tuple(hw) == self.input_resolution:
+            return self.attn_mask  # the registered buffer: exact official values
+        key = (tuple(hw), ref.device, ref.dtype)
+        if key not in self._mask_cache:
+            if len(self._mask_cache) > 8:
+                self._mask_cache.clear()
+            m = shifted_window_mask(hw, padded, win, shift, device=ref.device)
+            self._mask_cache[key] = None if m is None else m.to(ref.dtype)
+        return self._mask_cache[key]
+
+    def _windowed(self, x: Tensor, hw: HW) -> Tensor:
+        B, H, W, C = x.shape
+        win, shift, padded = self._geometry(hw)
+        x = pad_hw(x, win)
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = window_partition(x, win)
+        if self.agent:  # official: the shift mask is ignored by agent attention; padding is masked
+            pad = None
+            if tuple(hw) != tuple(padded):
+                pad = _rolled_pad(hw, padded, win, shift, x.device).repeat(B, 1)
+            out = self.attn(windows, win, key_padding_mask=pad)
+        else:
+            out = self.attn(windows, win, self._mask(hw, win, shift, padded, x))
+        x = window_reverse(out, win, padded)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x[:, :H, :W]
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        H, W = hw
+        B, L, C = x.shape
+        if L != H * W:
+            raise ValueError(f"AgentSwinBlock: {L} tokens do not match the map size {H}x{W}")
+        shortcut = x
+        x = self.norm1(x)
+        if self.global_attn:
+            x = self.attn(x, (H, W))
+        else:
+            x = self._windowed(x.view(B, H, W, C), (H, W)).reshape(B, L, C)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _rolled_pad(hw: HW, padded: HW, win: HW, shift: HW, device) -> Tensor:
+    """Bool ``(nW, N)``: padded tokens of each window in the rolled frame."""
+    m = torch.ones(1, *padded, 1, dtype=torch.bool, device=device)
+    m[:, : hw[0], : hw[1]] = False
+    m = torch.roll(m, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    return window_partition(m, win)[..., 0]
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify + optional LayerNorm; pads the image at the bottom/right to the patch size."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else None
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, HW]:
+        p = self.patch_size
+        ph, pw = (-x.shape[2]) % p, (-x.shape[3]) % p
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        x = self.proj(x)
+        hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        return (x if self.norm is None else self.norm(x)), hw
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbour concat (official order) -> LayerNorm(4C) -> Linear(4C, 2C); odd maps are padded."""
+
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim)
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        B, L, C = x.shape
+        x = pad_hw(x.view(B, hw[0], hw[1], C), (2, 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.reshape(B, -1, 4 * C)))
+
+
+class AgentSwinStage(nn.Module):
+    """One stage (official ``BasicLayer``): blocks, then the optional downsample at its end."""
+
+    def __init__(self, dim: int, input_resolution: HW, depth: int, num_heads: int, agent_window: int,
+                 window: int, agent_flags: Sequence[bool], agent_num: int, mlp_ratio: float, qkv_bias: bool,
+                 qk_scale: Optional[float], drop: float, attn_drop: float, drop_path: Sequence[float], norm_layer,
+                 downsample: bool):
+        super().__init__()
+        self.dim, self.input_resolution, self.grad_checkpointing = dim, tuple(input_resolution), False
+        blocks = []
+        for j in range(depth):
+            ws = agent_window if agent_flags[j] else window
+            blocks.append(AgentSwinBlock(
+                dim, input_resolution, num_heads, ws, 0 if j % 2 == 0 else ws // 2, mlp_ratio, qkv_bias, qk_scale,
+                drop, attn_drop, drop_path[j], norm_layer, agent=agent_flags[j], agent_num=agent_num))
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = PatchMerging(dim, norm_layer) if downsample else None
+
+    def forward_blocks(self, x: Tensor, hw: HW) -> Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+                x = ckpt.checkpoint(blk, x, hw, use_reentrant=False)
+            else:
+                x = blk(x, hw)
+        return x
+
+    def output_hw(self, hw: HW) -> HW:
+        return hw if self.downsample is None else ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        x = self.forward_blocks(x, hw)
+        return x if self.downsample is None else self.downsample(x, hw)
+
+
+class AgentSwinTransformer(nn.Module):
+    """Agent-Swin classifier; defaults are Agent-Swin-T at 224.
+
+    ``window_size`` is the window of agent blocks (``None``: the patch grid, i.e. global agent
+    attention, as every released config); window blocks use ``max(7, window_size // 8)``.
+    ``agent_num``: one int, or one int/str per stage. ``attn_type``: see the module docstring.
+    Other arguments follow the official class (``qk_scale`` applies to window blocks only).
+    """
+
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: Optional[int] = None, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.2, norm_layer=None, ape: bool = False, patch_norm: bool = True,
+                 use_checkpoint: bool = False, agent_num=(9, 16, 49, 49), attn_type: str = "AAAB"):
+        super().__init__()
+        norm_layer = resolve_norm_layer(norm_layer)
+        depths, n = list(depths), len(depths)
+        num_heads = parse_int_list(num_heads, n, "num_heads")
+        agent_nums = parse_int_list(agent_num, n, "agent_num")
+        plan = parse_attn_type(attn_type, depths)
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        H, W = img_size_2d(img_size)
+        grid = (-(-H // patch_size), -(-W // patch_size))
+        window_size = window_size or max(grid)
+        self.num_classes, self.global_pool, self.num_layers = num_classes, global_pool, n
+        self.embed_dim, self.patch_size, self.in_chans, self.ape = embed_dim, patch_size, in_chans, ape
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
+        self.mlp_ratio, self.output_fmt = mlp_ratio, "NHWC"
+        self.patches_resolution = grid
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.layers = nn.ModuleList()
+        self.feature_info: List[dict] = []
+        res = grid
+        for i in range(n):
+            dim = int(embed_dim * 2 ** i)
+            self.layers.append(AgentSwinStage(
+                dim, res, depths[i], num_heads[i], window_size, max(7, window_size // 8), plan[i], agent_nums[i],
+                mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[sum(depths[:i]):sum(depths[: i + 1])],
+                norm_layer, downsample=i < n - 1))
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
+            res = ((res[0] + 1) // 2, (res[1] + 1) // 2)
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        if use_checkpoint:
+            self.set_grad_checkpointing(True)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ timm API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"absolute_pos_embed"}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {"relative_position_bias_table"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise lr decay (downsample at the end of its stage)."""
+        if coarse:
+            return dict(stem=r"^absolute_pos_embed|^patch_embed", blocks=r"^layers\.(\d+)")
+        return dict(stem=r"^absolute_pos_embed|^patch_embed",
+                    blocks=[(r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (99999,)),
+                            (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
+        check_image(x, self.in_chans, type(self).__name__)
+        x, hw = self.patch_embed(x)
+        if self.ape:
+            pos = self.absolute_pos_embed
+            if hw != self.patches_resolution:
+                pos = to_nchw(pos, self.patches_resolution)
+                pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+            x = x + pos
+        return self.pos_drop(x), hw
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final-normed features ``(B, H/32, W/32, C)`` (NHWC, like timm's Swin)."""
+        x, hw = self._embed(x)
+        for layer in self.layers:
+            x = layer(x, hw)
+            hw = layer.output_hw(hw)
+        x = self.norm(x)
+        return x.view(x.shape[0], hw[0], hw[1], -1)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs before each downsample (dims C, 2C, 4C, 8C at strides 4..32), timm style."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = take_indices(len(self.layers), indices)
+        x, hw = self._embed(x)
+        last = len(self.layers) - 1
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        intermediates = []
+        for i, layer in enumerate(stages):
+            x = layer.forward_blocks(x, hw)
+            if i in take:
+                y = self.norm(x) if norm and i == last else x
+                y = to_nchw(y, hw)
+                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
+            if layer.downsample is not None:
+                x = layer.downsample(x, hw)
+                hw = layer.output_hw(hw)
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x) if len(stages) == last + 1 else x
+        return x.view(x.shape[0], hw[0], hw[1], -1), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        self.layers = self.layers[: max_index + 1]
+        if prune_end:
+            self.layers[-1].downsample = None
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: AgentSwinTransformer) -> Dict[str, Tensor]:
+    """Official (or our) checkpoint -> state dict for ``model``.
+
+    Unwraps ``model``/``model_ema``/``state_dict_ema``/``state_dict`` and ``module.``; replaces the
+    geometry buffers (``relative_position_index``, ``attn_mask``) by the model's own, present or not;
+    resizes row/column agent biases (linear) and relative position tables (bicubic) to the model.
+    """
+    own = model.state_dict()
+    out = {}
+    for k, v in unwrap_state_dict(state_dict).items():
+        if k.endswith(_GEOMETRY_BUFFERS):
+            continue
+        if k in own:
+            if k.endswith("relative_position_bias_table"):
+                v = resize_rel_pos_table(v, own[k].shape)
+            else:
+                v = resize_agent_bias(k, v, own[k])
+        out[k] = v
+    out.update({k: v for k, v in own.items() if k.endswith(_GEOMETRY_BUFFERS)})
+    return out
+
+
+def _cfg(size: int = 224, crop_pct: float = 0.875, **kwargs) -> dict:
+    return {"url": "", "num_classes": 1000, "input_size": (3, size, size), "pool_size": None, "crop_pct": crop_pct,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj", "classifier": "head", "paper_ids": "arXiv:2312.08874", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    "agent_swin_tiny": _cfg(), "agent_swin_small": _cfg(), "agent_swin_small_288": _cfg(288, 1.0),
+    "agent_swin_base": _cfg(), "agent_swin_base_384": _cfg(384, 1.0),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(AgentSwinTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), agent_num=(9, 16, 49, 49), attn_type="AAAB")
+_S = dict(_T, depths=(2, 2, 18, 2), attn_type="AABB")
+_B = dict(_S, embed_dim=128, num_heads=(4, 8, 16, 32), attn_type="AAMB2")
+
+
+@register_model
+def agent_swin_tiny(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-T 224 (82.6% top-1)."""
+    return _create("agent_swin_tiny", pretrained, **{**_T, "drop_path_rate": 0.2, **kwargs})
+
+
+@register_model
+def agent_swin_small(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-S 224 (83.7%)."""
+    return _create("agent_swin_small", pretrained, **{**_S, "drop_path_rate": 0.3, **kwargs})
+
+
+@register_model
+def agent_swin_small_288(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-S 288 (84.1%), evaluated without crop."""
+    return _create("agent_swin_small_288", pretrained, **{**_S, "img_size": 288, "drop_path_rate": 0.3, **kwargs})
+
+
+@register_model
+def agent_swin_base(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-B 224 (84.0%)."""
+    return _create("agent_swin_base", pretrained, **{**_B, "drop_path_rate": 0.5, **kwargs})
+
+
+@register_model
+def agent_swin_base_384(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-B 384 (84.9%), evaluated without crop."""
+    return _create("agent_swin_base_384", pretrained, **{**_B, "img_size": 384, "drop_path_rate": 0.5, **kwargs})
+
+
+for _alias, _name in ALIASES.items():
+    if _name.startswith("agent_swin_"):
+        register_alias(_alias, globals()[_name])

@@ -1,0 +1,286 @@
+"""``agent-attention show``: what the agents of one block look at, drawn over an image.
+
+Runs the model once on the image, captures the projected queries and keys that the chosen
+:class:`~agent_attention.layers.AgentAttention` block receives, and recomputes its two attention
+maps with :func:`agent_attention.functional.agent_feature_maps`:
+
+* agent → token (``φk``): where each agent gathers its value from; one heat map per chosen agent;
+* token → agent (``φq``): which agent each token reads from; drawn as the agent of largest weight.
+
+The agents are adaptive-average pools of the queries over a ``p × p`` grid of cells; the cells are
+drawn over the image. Blocks are named ``stage.index`` (stage from 1, index from 0 within the
+stage, in call order), by module name (``block1.0.attn``) or by their overall number; see
+``--list-blocks``. Without ``--checkpoint`` the weights are random and the maps say nothing about
+a trained model (the figure says so).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import agent_feature_maps
+from .layers import AgentAttention, pool_agents, to_2tuple_hw
+
+__all__ = ["AgentCall", "load_image", "capture_agent_calls", "select_call", "agent_maps", "draw", "main"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AgentCall:
+    """One call of an agent attention block during a forward pass."""
+
+    name: str
+    module: AgentAttention
+    number: int  # overall position among the calls
+    stage: int = 0  # 1-based, grouped by the token grid
+    index: int = 0  # 0-based within the stage
+    hw: Tuple[int, int] = (0, 0)
+    q: Optional[Tensor] = None
+    k: Optional[Tensor] = None
+    kwargs: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}.{self.index}"
+
+
+# --------------------------------------------------------------------------- image
+def load_image(path: Optional[str], size: int) -> np.ndarray:
+    """RGB ``uint8 (size, size, 3)``: shorter side resized to ``size``, centre crop.
+
+    ``path=None`` uses scikit-image's sample photo ``astronaut``.
+    """
+    from PIL import Image
+
+    if path is None:
+        from skimage import data
+
+        img = Image.fromarray(data.astronaut())
+    else:
+        if not os.path.isfile(path):
+            raise ValueError(f"--image: no such file {path!r}")
+        try:
+            img = Image.open(path).convert("RGB")
+        except OSError as e:
+            raise ValueError(f"--image: cannot read {path!r} as an image ({e})") from None
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def _to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1).float().div(255)
+    return ((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
+
+
+# --------------------------------------------------------------------------- capture
+@torch.no_grad()
+def capture_agent_calls(model: nn.Module, x: Tensor) -> List[AgentCall]:
+    """Run ``model(x)`` and record, for every agent attention call, its grid, queries and keys."""
+    calls: List[AgentCall] = []
+    patched = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, AgentAttention):
+            continue
+
+        def attend(q, k, v, hw, *, _mod=mod, _name=name, _orig=mod.attend, **kw):
+            calls.append(AgentCall(_name, _mod, len(calls), hw=to_2tuple_hw(hw), q=q.detach(), k=k.detach(),
+                                   kwargs=dict(kw)))
+            return _orig(q, k, v, hw, **kw)
+
+        mod.attend = attend
+        patched.append(mod)
+    if not patched:
+        raise ValueError(f"{type(model).__name__} has no AgentAttention block to show")
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for mod in patched:
+            del mod.attend  # back to the class method
+        model.train(was_training)
+    stage, index, last = 0, 0, None
+    for c in calls:  # stages: runs of calls on the same token grid
+        if c.hw != last:
+            stage, index, last = stage + 1, 0, c.hw
+        c.stage, c.index = stage, index
+        index += 1
+    return calls
+
+
+def select_call(calls: List[AgentCall], spec: str) -> AgentCall:
+    """``'2.1'`` (stage.index), ``'block1.0.attn'`` (module name) or ``'5'`` (overall number)."""
+    spec = str(spec).strip()
+    for c in calls:
+        if spec in (c.label, c.name) or spec == str(c.number):
+            return c
+    known = ", ".join(f"{c.label} ({c.name})" for c in calls)
+    raise ValueError(f"--block {spec!r} not found; agent blocks of this model: {known}")
+
+
+@torch.no_grad()
+def agent_maps(call: AgentCall, head: Optional[int] = None) -> Dict[str, object]:
+    """Attention maps of a captured call for the first image of the batch.
+
+    Returns ``agent_to_token (H, W, n)`` (each agent's softmax over the grid tokens, prefix tokens
+    dropped), ``token_to_agent (H, W, n)`` (each token's softmax over the agents), ``agent_grid``
+    and ``hw``. ``head=None`` averages the heads.
+    """
+    m, q, k = call.module, call.q, call.k
+    H, W = call.hw
+    P = m.num_prefix_tokens
+    if q.shape[1] != P + H * W or k.shape[1] != q.shape[1]:
+        raise ValueError(f"block {call.name} is not a self-attention over its {H}x{W} grid; cannot draw it")
+    grid = to_2tuple_hw(m.agent_shape, "agent_shape")
+    agents = pool_agents(q[:, P:], (H, W), grid)
+    b1, b2 = m.biases((H, W), (H, W), q.shape[1], k.shape[1])
+    h, d = m.num_heads, m.head_dim
+    heads = lambda t: t.unflatten(-1, (h, d)).transpose(1, 2)  # noqa: E731
+    phi_q, phi_k = agent_feature_maps(heads(q), heads(k), heads(agents), agent_bias=b1, query_bias=b2,
+                                      scale=m.scale, key_padding_mask=call.kwargs.get("key_padding_mask"))
+    if head is not None and not 0 <= head < h:
+        raise ValueError(f"--head must be in [0, {h}) for block {call.name}, got {head}")
+    pick = (lambda t: t[0, head]) if head is not None else (lambda t: t[0].mean(0))
+    n = agents.shape[1]
+    return {
+        "agent_to_token": pick(phi_k)[P:].reshape(H, W, n).float().cpu().numpy(),
+        "token_to_agent": pick(phi_q)[P:].reshape(H, W, n).float().cpu().numpy(),
+        "agent_grid": grid,
+        "hw": (H, W),
+    }
+
+
+# --------------------------------------------------------------------------- drawing
+def _cells(hw: Tuple[int, int], grid: Tuple[int, int], size: int):
+    """Pixel boxes ``(x0, y0, x1, y1)`` of the adaptive-pool bins, agent order (row-major)."""
+    (H, W), (gh, gw) = hw, grid
+    sy, sx = size / H, size / W
+    boxes = []
+    for i in range(gh):
+        y0, y1 = math.floor(i * H / gh), math.ceil((i + 1) * H / gh)
+        for j in range(gw):
+            x0, x1 = math.floor(j * W / gw), math.ceil((j + 1) * W / gw)
+            boxes.append((x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    return boxes
+
+
+def draw(image: np.ndarray, maps: Dict[str, object], agents: Sequence[int], title: str, path: Path) -> Path:
+    """Image with the agent cells, the token → agent assignment and one heat map per agent."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    size = image.shape[0]
+    a2t, t2a = maps["agent_to_token"], maps["token_to_agent"]
+    H, W, n = a2t.shape
+    boxes = _cells(maps["hw"], maps["agent_grid"], size)
+    panels = 2 + len(agents)
+    ncols = min(panels, 4)
+    nrows = math.ceil(panels / ncols)
+    fig = Figure(figsize=(3.4 * ncols, 3.5 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    extent = (0, size, size, 0)
+    cmap = colormaps["tab20"]
+
+    ax = axes[0]
+    ax.imshow(image, extent=extent)
+    for a, (x0, y0, x1, y1) in enumerate(boxes):
+        chosen = a in agents
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2.2 if chosen else 0.8,
+                               ec="yellow" if chosen else "white", alpha=1 if chosen else 0.8))
+        if n <= 64:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2, str(a), color="yellow" if chosen else "white", ha="center",
+                    va="center", fontsize=9 if n <= 16 else 6, fontweight="bold" if chosen else None,
+                    bbox=dict(facecolor="black", alpha=0.45, pad=1, lw=0))
+    ax.set_title(f"agents: {maps['agent_grid'][0]}×{maps['agent_grid'][1]} pooled cells", fontsize=9)
+
+    ax = axes[1]
+    ax.imshow(image, extent=extent)
+    owner = t2a.argmax(-1)
+    colors = cmap(owner % 20)[..., :3]
+    ax.imshow(colors, extent=extent, alpha=0.5, interpolation="nearest")
+    ax.set_title("token → agent (agent of largest weight)", fontsize=9)
+
+    for ax, a in zip(axes[2:], agents):
+        rel = a2t[..., a] * (H * W)  # 1 = uniform attention over the grid
+        ax.imshow(image, extent=extent)
+        im = ax.imshow(rel, extent=extent, cmap="inferno", alpha=0.6, interpolation="bilinear", vmin=0)
+        x0, y0, x1, y1 = boxes[a]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec="cyan", ls="--"))
+        ax.set_title(f"agent {a} → tokens (× uniform, max {rel.max():.3g})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent-attention show", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="agent_pvt_t", help="agent model name (default agent_pvt_t)")
+    p.add_argument("--image", default=None, help="image file (default: scikit-image's 'astronaut' photo)")
+    p.add_argument("--checkpoint", default=None, help="weights to load (official .pth or ours); default random")
+    p.add_argument("--block", default="1.0", help="stage.index (from 1 and 0), module name or number (default 1.0)")
+    p.add_argument("--agents", type=int, nargs="+", default=None, help="agents to draw (default: up to 4 spread out)")
+    p.add_argument("--head", type=int, default=None, help="one head (default: mean over heads)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's, e.g. 224)")
+    p.add_argument("--out", type=Path, default=Path("agents.png"))
+    p.add_argument("--list-blocks", action="store_true", help="print the agent blocks and exit")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .models import create_model
+
+    model = create_model(args.model, checkpoint_path=args.checkpoint or "")
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = args.img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    if size < 16:
+        raise ValueError(f"--img-size must be at least 16, got {size}")
+    if size != cfg.get("input_size", (3, size, size))[-1]:
+        model = create_model(args.model, checkpoint_path=args.checkpoint or "", img_size=size)
+    image = load_image(args.image, size)
+    x = _to_tensor(image, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    calls = capture_agent_calls(model, x)
+    if args.list_blocks:
+        for c in calls:
+            print(f"{c.label:>6}  #{c.number:<3} {c.name:<28} grid {c.hw[0]}x{c.hw[1]}  C={c.module.dim} "
+                  f"heads={c.module.num_heads} agents={c.module.agent_num}")
+        return 0
+    call = select_call(calls, args.block)
+    maps = agent_maps(call, args.head)
+    n = maps["agent_to_token"].shape[-1]
+    agents = args.agents if args.agents is not None else sorted({0, n // 3, (2 * n) // 3, n - 1})
+    bad = [a for a in agents if not 0 <= a < n]
+    if bad:
+        raise ValueError(f"--agents {bad} out of range: block {call.name} has {n} agents (0..{n - 1})")
+    weights = f"weights: {Path(args.checkpoint).name}" if args.checkpoint else \
+        "RANDOM weights (no --checkpoint): maps show an untrained model"
+    head = "mean of heads" if args.head is None else f"head {args.head}"
+    title = (f"{args.model}, block {call.label} ({call.name}), token grid {call.hw[0]}×{call.hw[1]}, "
+             f"{n} agents, {head}\n{weights}")
+    path = draw(image, maps, agents, title, args.out)
+    print(f"wrote {path}")
+    return 0
