@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from reference_utils import manifest
+
 from agent_attention.models import checkpoints as ck
 from agent_attention.models.checkpoints import (
     IncompatibleCheckpointError,
@@ -61,35 +63,40 @@ def _fake_yacs_cfgnode():
     return CfgNode
 
 
-@pytest.fixture
-def official_ckpt(tmp_path, monkeypatch):
-    """Write an official-structured checkpoint; afterwards ``yacs`` cannot be imported at all."""
+def save_official(path: Path, monkeypatch, model_state, *, ema_state=None, optimizer=None) -> Path:
+    """``torch.save`` a dict structured like the released files (config = a yacs CfgNode). Afterwards
+    ``yacs`` cannot be imported at all (None in sys.modules -> ImportError)."""
     yacs, yacs_config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
     CfgNode = _fake_yacs_cfgnode()
     yacs_config.CfgNode = CfgNode
     monkeypatch.setitem(sys.modules, "yacs", yacs)
     monkeypatch.setitem(sys.modules, "yacs.config", yacs_config)
+    cfg = CfgNode({"MODEL": CfgNode({"TYPE": "agent_swin", "AGENT": CfgNode({"NUM": [9, 16, 49, 49]})}),
+                   "TRAIN": CfgNode({"EPOCHS": 300, "BASE_LR": 1e-3, "BETAS": (0.9, 0.999)})})
+    cfg.__dict__["__immutable__"] = True
+    ckpt = {
+        "model": model_state, "optimizer": optimizer or {"state": {}, "param_groups": []},
+        "lr_scheduler": {"t_initial": 300, "base_values": [1e-3], "noise_range_t": None},
+        "max_accuracy": 82.6, "epoch": 299, "config": cfg,
+    }
+    if ema_state is not None:
+        ckpt.update(state_dict_ema=ema_state, max_accuracy_e=82.7)
+    torch.save(ckpt, path)
+    monkeypatch.setitem(sys.modules, "yacs", None)
+    monkeypatch.setitem(sys.modules, "yacs.config", None)
+    return path
 
+
+@pytest.fixture
+def official_ckpt(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, ema = Tiny(), Tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    cfg = CfgNode({"MODEL": CfgNode({"TYPE": "agent_swin", "AGENT": CfgNode({"NUM": [9, 16, 49, 49]})}),
-                   "TRAIN": CfgNode({"EPOCHS": 300, "BASE_LR": 1e-3, "BETAS": (0.9, 0.999)})})
-    cfg.__dict__["__immutable__"] = True
-    ckpt = {
-        "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "lr_scheduler": {"t_initial": 300, "base_values": [1e-3], "noise_range_t": None},
-        "max_accuracy": 82.6, "epoch": 299, "config": cfg,
-        "state_dict_ema": OrderedDict(("module." + k, v) for k, v in ema.state_dict().items()),
-        "max_accuracy_e": 82.7,
-    }
-    path = tmp_path / "max_acc.pth"
-    torch.save(ckpt, path)
-    # loading must not be able to import yacs (None in sys.modules -> ImportError)
-    monkeypatch.setitem(sys.modules, "yacs", None)
-    monkeypatch.setitem(sys.modules, "yacs.config", None)
+    ema_state = OrderedDict(("module." + k, v) for k, v in ema.state_dict().items())
+    path = save_official(tmp_path / "max_acc.pth", monkeypatch, model.state_dict(), ema_state=ema_state,
+                         optimizer=opt.state_dict())
     return path, model, ema
 
 
@@ -298,3 +305,89 @@ def test_convert_cli(official_ckpt, tmp_path, capsys):
     assert ck.main([str(evil), str(tmp_path / "e.safetensors")]) == 1
     assert "refusing" in capsys.readouterr().err
     assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "pwned").exists()
+
+
+# --------------------------------------------------------------------------- the real model families
+def _official_state(name: str, drop_buffers: bool = False):
+    """A state dict with exactly the official keys / shapes / dtypes of a released model."""
+    state = {}
+    for i, e in enumerate(manifest(name)["state_dict"]):
+        if e["kind"] == "buffer" and drop_buffers:
+            continue
+        dtype = getattr(torch, e["dtype"].replace("torch.", ""))
+        state[e["key"]] = torch.full(e["shape"], i % 97, dtype=dtype)
+    return state
+
+
+@pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_pvt_tiny", "agent_swin_tiny", "agent_cswin_tiny"])
+def test_official_layouts_load_strict(name):
+    from agent_attention.models import create_model
+
+    state = _official_state(name)
+    with torch.device("meta"):
+        model = create_model(name)
+    load_official_checkpoint(model, {"model": state, "epoch": 1}, strict=True)
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and not own[k].is_meta:
+            assert torch.equal(own[k], v), k
+    assert sum(p.numel() for p in model.parameters()) == manifest(name)["num_params"]
+
+
+def test_swin_checkpoint_without_geometry_buffers():
+    from agent_attention.models import create_model
+
+    state = _official_state("agent_swin_tiny", drop_buffers=True)  # as the official fine-tuning loader leaves it
+    with torch.device("meta"):
+        model = create_model("agent_swin_tiny")
+    load_official_checkpoint(model, state, strict=True)
+    state.pop("head.bias")
+    with pytest.raises(IncompatibleCheckpointError, match="1 missing keys .*head.bias"):
+        load_official_checkpoint(model, state)
+
+
+@pytest.fixture(scope="module")
+def deit_file(tmp_path_factory):
+    from agent_attention.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("agent_deit_tiny")
+    ema_state = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    with pytest.MonkeyPatch.context() as mp:
+        path = save_official(tmp_path_factory.mktemp("deit") / "agent_deit_t.pth", mp, model.state_dict(), ema_state=ema_state)
+    return path, model
+
+
+def test_create_model_checkpoint_path_and_timm(deit_file, tmp_path):
+    import timm
+
+    from agent_attention.models import create_model
+
+    path, model = deit_file
+    _assert_same(create_model("agent_deit_t", checkpoint_path=str(path)), model)
+    with pytest.raises(RuntimeError, match="weights_only"):  # timm's own loader refuses the CfgNode
+        timm.models.load_state_dict(str(path))
+    with ck.official_safe_globals():  # timm prefers state_dict_ema when present
+        loaded = timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(loaded.head.bias, model.head.bias + 1)
+    overlay = dict(state_dict=load_checkpoint_state(path))  # fine-tuning: timm drops the mismatched head
+    ten = timm.create_model("agent_deit_tiny", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay)
+    torch.testing.assert_close(ten.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    assert ten.head.weight.shape == (10, model.head.weight.shape[1])
+    st_path = export_safetensors(model, tmp_path / "deit.safetensors")
+    _assert_same(timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(st_path))), model)
+
+
+def test_convert_cli_with_model(deit_file, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    path, model = deit_file
+    out = tmp_path / "deit.safetensors"
+    assert ck.main([str(path), str(out), "--model", "agent_deit_tiny"]) == 0
+    written, own = load_file(str(out)), model.state_dict()
+    assert set(written) == set(own)  # strict-loadable
+    for k, v in own.items():
+        assert torch.equal(written[k], v), k
+    assert ck.main([str(path), str(tmp_path / "x.safetensors"), "--model", "agent_pvt_tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit model" in err and "missing keys" in err and not (tmp_path / "x.safetensors").exists()

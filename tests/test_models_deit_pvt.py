@@ -122,7 +122,8 @@ def test_official_state_dict_loads_strict_through_filter(tiny):
     name, model, g = tiny
     sd = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
     fresh = build_from_manifest(name)
-    filt = agent_deit.checkpoint_filter_fn if isinstance(model, AgentVisionTransformer) else agent_pvt.checkpoint_filter_fn
+    family = agent_deit if isinstance(model, AgentVisionTransformer) else agent_pvt
+    filt = family.checkpoint_filter_fn
     for wrapper in ("model", "model_ema", "state_dict_ema", "state_dict"):
         fresh.load_state_dict(filt({wrapper: sd, "epoch": 3}, fresh), strict=True)
     with torch.no_grad():
@@ -172,14 +173,16 @@ def test_alias_builds_identical_model():
     a = timm.create_model("agent_pvt_tiny", **small)
     torch.manual_seed(0)
     b = timm.create_model("agent_pvt_t", **small)
-    assert layout(a) == layout(b) and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert layout(a) == layout(b)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(a.eval()(x), b.eval()(x), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------- any resolution
 def small_deit(**kw):
-    args = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5, agent_num=["4", "9", "4", "9"])
+    args = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5,
+                agent_num=["4", "9", "4", "9"])
     return AgentVisionTransformer(**{**args, **kw})
 
 
@@ -223,7 +226,8 @@ def test_pvt_bad_sizes_and_args_raise():
 def test_pvt_spatial_reduction_stages():
     model = small_pvt(attn_type="ABAB", sr_ratios=[8, 4, 2, 1])
     keys = model.state_dict().keys()
-    assert "block2.0.attn.sr.weight" in keys and "block2.0.attn.norm.weight" in keys and "block4.0.attn.sr.weight" not in keys
+    assert "block2.0.attn.sr.weight" in keys and "block2.0.attn.norm.weight" in keys
+    assert "block4.0.attn.sr.weight" not in keys  # sr_ratio 1: no reduction
     assert "block1.0.attn.an_bias" in keys and "block2.0.attn.an_bias" not in keys
     out = model(torch.randn(2, 3, 96, 64))
     out.sum().backward()
@@ -291,6 +295,15 @@ def test_reset_classifier_and_heads():
         model.reset_classifier(0)
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, model.num_features)
     assert small_deit(global_pool="avg")(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_in_chans_and_dropout_in_train_mode():
+    drops = dict(in_chans=1, drop_rate=0.1, attn_drop_rate=0.1)
+    for model in (small_deit(**drops), small_pvt(**drops)):
+        x = torch.randn(2, 1, 64, 64)
+        assert model.train()(x).shape == (2, 5)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), model(x))  # eval is deterministic
 
 
 def test_checkpoint_filter_resizes_to_new_grid():

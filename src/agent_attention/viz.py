@@ -48,6 +48,7 @@ class AgentCall:
     hw: Tuple[int, int] = (0, 0)
     q: Optional[Tensor] = None
     k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
     kwargs: Dict[str, object] = field(default_factory=dict)
 
     @property
@@ -90,7 +91,7 @@ def _to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> 
 # --------------------------------------------------------------------------- capture
 @torch.no_grad()
 def capture_agent_calls(model: nn.Module, x: Tensor) -> List[AgentCall]:
-    """Run ``model(x)`` and record, for every agent attention call, its grid, queries and keys."""
+    """Run ``model(x)`` and record, for every agent attention call, its grid and projected q, k, v."""
     calls: List[AgentCall] = []
     patched = []
     for name, mod in model.named_modules():
@@ -99,7 +100,7 @@ def capture_agent_calls(model: nn.Module, x: Tensor) -> List[AgentCall]:
 
         def attend(q, k, v, hw, *, _mod=mod, _name=name, _orig=mod.attend, **kw):
             calls.append(AgentCall(_name, _mod, len(calls), hw=to_2tuple_hw(hw), q=q.detach(), k=k.detach(),
-                                   kwargs=dict(kw)))
+                                   v=v.detach(), kwargs=dict(kw)))
             return _orig(q, k, v, hw, **kw)
 
         mod.attend = attend
@@ -179,9 +180,16 @@ def _cells(hw: Tuple[int, int], grid: Tuple[int, int], size: int):
     return boxes
 
 
+def _agent_colors(grid: Tuple[int, int]) -> np.ndarray:
+    """``(n, 3)`` RGB per agent: red grows down the agent grid, blue to the right (a 2-D colour key)."""
+    gh, gw = grid
+    i, j = np.meshgrid(np.linspace(0, 1, gh), np.linspace(0, 1, gw), indexing="ij")
+    rgb = np.stack([0.15 + 0.85 * i, 0.55 - 0.35 * (i * j), 0.15 + 0.85 * j], axis=-1)
+    return rgb.reshape(-1, 3)
+
+
 def draw(image: np.ndarray, maps: Dict[str, object], agents: Sequence[int], title: str, path: Path) -> Path:
     """Image with the agent cells, the token → agent assignment and one heat map per agent."""
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
@@ -189,43 +197,45 @@ def draw(image: np.ndarray, maps: Dict[str, object], agents: Sequence[int], titl
     a2t, t2a = maps["agent_to_token"], maps["token_to_agent"]
     H, W, n = a2t.shape
     boxes = _cells(maps["hw"], maps["agent_grid"], size)
+    colors = _agent_colors(maps["agent_grid"])
     panels = 2 + len(agents)
-    ncols = min(panels, 4)
+    ncols = math.ceil(panels / math.ceil(panels / 4))
     nrows = math.ceil(panels / ncols)
-    fig = Figure(figsize=(3.4 * ncols, 3.5 * nrows + 0.6), layout="constrained")
+    fig = Figure(figsize=(3.6 * ncols, 3.5 * nrows + 0.5), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
     extent = (0, size, size, 0)
-    cmap = colormaps["tab20"]
+    gray = image.astype(np.float32).mean(-1) / 255.0
 
     ax = axes[0]
     ax.imshow(image, extent=extent)
     for a, (x0, y0, x1, y1) in enumerate(boxes):
         chosen = a in agents
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2.2 if chosen else 0.8,
-                               ec="yellow" if chosen else "white", alpha=1 if chosen else 0.8))
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fc=(*colors[a], 0.25), ec="white", lw=0.8))
+        if chosen:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=2.2))
         if n <= 64:
             ax.text((x0 + x1) / 2, (y0 + y1) / 2, str(a), color="yellow" if chosen else "white", ha="center",
-                    va="center", fontsize=9 if n <= 16 else 6, fontweight="bold" if chosen else None,
-                    bbox=dict(facecolor="black", alpha=0.45, pad=1, lw=0))
-    ax.set_title(f"agents: {maps['agent_grid'][0]}×{maps['agent_grid'][1]} pooled cells", fontsize=9)
+                    va="center", fontsize=9 if n <= 16 else 6, fontweight="bold",
+                    bbox=dict(facecolor=colors[a], alpha=0.8, pad=1, lw=0))
+    ax.set_title(f"agents: queries average-pooled\nover {maps['agent_grid'][0]}×{maps['agent_grid'][1]} cells", fontsize=9)
 
     ax = axes[1]
-    ax.imshow(image, extent=extent)
-    owner = t2a.argmax(-1)
-    colors = cmap(owner % 20)[..., :3]
-    ax.imshow(colors, extent=extent, alpha=0.5, interpolation="nearest")
-    ax.set_title("token → agent (agent of largest weight)", fontsize=9)
+    ax.imshow(gray, extent=extent, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(colors[t2a.argmax(-1)], extent=extent, alpha=0.6, interpolation="nearest")
+    ax.set_title("token → agent: colour of the agent\neach token reads most from", fontsize=9)
 
     for ax, a in zip(axes[2:], agents):
         rel = a2t[..., a] * (H * W)  # 1 = uniform attention over the grid
-        ax.imshow(image, extent=extent)
-        im = ax.imshow(rel, extent=extent, cmap="inferno", alpha=0.6, interpolation="bilinear", vmin=0)
+        ax.imshow(gray, extent=extent, cmap="gray", vmin=0, vmax=1)
+        im = ax.imshow(rel, extent=extent, cmap="inferno", alpha=0.65, interpolation="bilinear")
         x0, y0, x1, y1 = boxes[a]
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ec="cyan", ls="--"))
-        ax.set_title(f"agent {a} → tokens (× uniform, max {rel.max():.3g})", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.8, ec="cyan", ls="--"))
+        ax.set_title(f"agent {a} → tokens (its cell dashed)", fontsize=9)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        cb.set_label("weight × number of tokens (1 = uniform)", fontsize=7)
+        cb.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _show(args)
+    except ValueError as e:  # bad model / block / agents / image: a usage error, not a crash
+        parser.error(str(e))
+
+
+def _show(args: argparse.Namespace) -> int:
     from .models import create_model
 
     model = create_model(args.model, checkpoint_path=args.checkpoint or "")

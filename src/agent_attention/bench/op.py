@@ -244,7 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _main(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def _main(args: argparse.Namespace) -> int:
     for name, value in (("--sizes", min(args.sizes)), ("--batch", args.batch), ("--repeats", args.repeats)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")

@@ -82,7 +82,7 @@ def make_shapes_sample(seed: int, index: int, image_size: Tuple[int, int] = (96,
         shade = color + rng.normal(0, 0.03, size=(H, W, 3)).astype(np.float32)
         image[mask] = np.clip(shade[mask], 0, 1)
         instances.append((kind + 1, mask))
-    return image, instances
+    return image.astype(np.float32), instances
 
 
 def _box_of(mask: np.ndarray) -> List[float]:

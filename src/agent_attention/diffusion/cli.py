@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -97,7 +98,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, _DTYPES[dtype_name])
-    pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=dtype).to(device)
+    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones only know torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=dtype).to(device)
     if getattr(pipe, "unet", None) is None:
         print(f"agent-attention sd: {type(pipe).__name__} has no UNet; AgentSD patches UNet self-attention", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from typing import List
 import timm
 
 from . import agent_cswin, agent_deit, agent_pvt, agent_swin  # noqa: F401  (registration)
-from .checkpoints import load_official_checkpoint
+from .checkpoints import export_safetensors, load_checkpoint_state, load_official_checkpoint, save_checkpoint_atomic
 
 FAMILIES = ("agent_deit", "agent_pvt", "agent_swin", "agent_cswin")
 
@@ -28,7 +28,9 @@ def list_models(pattern: str = "agent_*", aliases: bool = True) -> List[str]:
 def create_model(name: str, pretrained: bool = False, checkpoint_path: str = "", **kwargs):
     """Build an agent model by name (``timm.create_model`` with a helpful error for unknown names).
 
-    ``checkpoint_path`` loads a local checkpoint (ours, or an official ``.pth``) safely.
+    ``checkpoint_path`` loads a local checkpoint (ours, an official ``.pth`` or a ``.safetensors``)
+    safely and strictly with :func:`load_official_checkpoint` (its ``model`` weights; for the EMA
+    weights call ``load_official_checkpoint(model, path, use_ema=True)`` yourself).
     """
     known = list_models()
     if name not in known:
@@ -43,4 +45,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str = "",
     return model
 
 
-__all__ = ["create_model", "list_models", "load_official_checkpoint", "FAMILIES"]
+__all__ = [
+    "create_model", "list_models", "load_official_checkpoint", "load_checkpoint_state", "export_safetensors",
+    "save_checkpoint_atomic", "FAMILIES",
+]

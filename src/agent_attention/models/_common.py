@@ -111,15 +111,6 @@ def window_reverse(windows: Tensor, window: HW, hw: HW) -> Tensor:
     return x.reshape(-1, H, W, C)
 
 
-def padding_mask(hw: HW, padded: HW, window: HW, device=None) -> Optional[Tensor]:
-    """Bool ``(nW, wh·ww)``: ``True`` on the padded tokens of each window, or ``None`` without padding."""
-    if tuple(hw) == tuple(padded):
-        return None
-    m = torch.ones(1, *padded, 1, dtype=torch.bool, device=device)
-    m[:, : hw[0], : hw[1]] = False
-    return window_partition(m, window)[..., 0]
-
-
 def unwrap_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """Take the weights out of a training checkpoint and strip DDP's ``module.`` prefix.
 
@@ -191,8 +182,115 @@ def check_image(x: Tensor, in_chans: int, name: str) -> None:
         raise ValueError(f"{name}: expected an image batch (B, {in_chans}, H, W), got {tuple(x.shape)}")
 
 
-__all__ = [
-    "AGENT_BIAS_AXES", "resolve_norm_layer", "img_size_2d", "parse_int_list", "parse_attn_type", "pad_hw",
-    "window_partition", "window_reverse", "padding_mask", "unwrap_state_dict", "resize_agent_bias",
-    "resize_rel_pos_table", "take_indices", "to_nchw", "check_image",
-]
+
+
+# ---------------------------------------------------------------- Swin window geometry
+def relative_position_index(window: HW, table_window: int) -> Tensor:
+    """Index ``(wh·ww, wh·ww)`` into a ``((2s-1)², h)`` relative position table (``s = table_window``)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)
+    return rel[..., 0] * (2 * table_window - 1) + rel[..., 1]
+
+
+def _pad_flags(hw: HW, padded: HW, shift: HW, device, dtype) -> Tensor:
+    """``(1, Hp, Wp, 1)``: 1 on the padding of an ``hw`` map, in the frame rolled by ``-shift``."""
+    m = torch.ones(1, *padded, 1, dtype=dtype, device=device)
+    m[:, : hw[0], : hw[1]] = 0
+    return torch.roll(m, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+
+
+def shifted_window_mask(hw: HW, padded: HW, window: HW, shift: HW, device=None) -> Optional[Tensor]:
+    """Additive mask ``(nW, N, N)`` (0 / -100) of the shifted-window scheme, or ``None`` if not needed.
+
+    Tokens of different regions of the rolled map (standard Swin labelling) may not attend to each
+    other, and no token attends to the padding added at the bottom/right of an ``hw`` map.
+    """
+    if not any(shift) and tuple(hw) == tuple(padded):
+        return None
+    label = torch.zeros(1, *padded, 1, device=device)
+
+    def slices(w, s):
+        return (slice(0, -w), slice(-w, -s), slice(-s, None)) if s else (slice(None),)
+
+    cnt = 0
+    for hs in slices(window[0], shift[0]):
+        for ws in slices(window[1], shift[1]):
+            label[:, hs, ws, :] = cnt
+            cnt += 1
+    if tuple(hw) != tuple(padded):
+        label = label * 2 + _pad_flags(hw, padded, shift, device, label.dtype)
+    m = window_partition(label, window).squeeze(-1)
+    m = m.unsqueeze(1) - m.unsqueeze(2)
+    return m.masked_fill(m != 0, float(-100.0)).masked_fill(m == 0, float(0.0))
+
+
+def window_padding_mask(hw: HW, padded: HW, window: HW, shift: HW = (0, 0), device=None) -> Optional[Tensor]:
+    """Bool ``(nW, wh·ww)``: ``True`` on padded tokens of each window (rolled by ``-shift``), or ``None``."""
+    if tuple(hw) == tuple(padded):
+        return None
+    return window_partition(_pad_flags(hw, padded, shift, device, torch.bool), window)[..., 0]
+
+
+# ---------------------------------------------------------------- shared classifier plumbing
+class ClassifierMixin:
+    """timm classifier API shared by both families (``norm`` -> mean over H, W -> ``head``)."""
+
+    num_features: int
+    num_classes: int
+    global_pool: str
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Official init: Linear trunc_normal(0.02) / zero bias, LayerNorm 1 / 0."""
+        from timm.layers import trunc_normal_
+
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = check_pool(global_pool)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """NHWC features -> pooled features (``pre_logits``) or logits."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    return global_pool
+
+
+def default_cfg(first_conv: str, size: int = 224, crop_pct: float = 0.875) -> dict:
+    """timm pretrained cfg of a released model (ImageNet-1k, bicubic, ImageNet mean/std)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {"url": "", "num_classes": 1000, "input_size": (3, size, size), "pool_size": None, "crop_pct": crop_pct,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": first_conv, "classifier": "head", "paper_ids": "arXiv:2312.08874"}
+
+
+def build(model_cls, variant: str, pretrained: bool, filter_fn, **kwargs):
+    """``build_model_with_cfg`` with the checkpoint filter and a ``getter`` feature wrapper."""
+    from timm.models import build_model_with_cfg
+
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)

@@ -16,15 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..layers import AgentAttention
-from ._common import (HW, check_image, img_size_2d, pad_hw, padding_mask, parse_attn_type, parse_int_list,
-                      resize_agent_bias, resolve_norm_layer, take_indices, to_nchw, unwrap_state_dict,
-                      window_partition, window_reverse)
+from ._common import (HW, ClassifierMixin, build, check_image, check_pool, default_cfg, img_size_2d, pad_hw,
+                      parse_attn_type, parse_int_list, resize_agent_bias, resolve_norm_layer, take_indices, to_nchw,
+                      unwrap_state_dict, window_padding_mask, window_partition, window_reverse)
 from .registry import ALIASES, register_alias
 
 __all__ = ["AgentCSWinTransformer", "LePEAttention", "CSWinAgentAttention", "CSWinBlock", "checkpoint_filter_fn"]
@@ -50,7 +49,7 @@ class _Stripes:
         self.window = _stripe_window(idx, split, hw)
         wh, ww = self.window
         self.padded = (-(-hw[0] // wh) * wh, -(-hw[1] // ww) * ww)
-        self.pad = padding_mask(hw, self.padded, self.window, device)  # (nW, N) bool or None
+        self.pad = window_padding_mask(hw, self.padded, self.window, device=device)  # (nW, N) bool or None
 
     def split(self, t: Tensor) -> Tensor:
         B, _, C = t.shape
@@ -182,7 +181,7 @@ class _ToTokens(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class AgentCSWinTransformer(nn.Module):
+class AgentCSWinTransformer(ClassifierMixin, nn.Module):
     """Agent-CSWin classifier; defaults are Agent-CSWin-T at 224.
 
     ``split_size``: stripe width of ``'B'`` stages; ``la_split_size`` (str ``'56-28-14-7'`` or list):
@@ -206,8 +205,6 @@ class AgentCSWinTransformer(nn.Module):
         n = len(depth)
         if n != 4:
             raise ValueError(f"AgentCSWinTransformer has 4 stages; depth must have 4 entries, got {depth}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         num_heads = parse_int_list(num_heads, n, "num_heads")
         agent_nums = parse_int_list(agent_num, n, "agent_num")
         splits = parse_int_list(split_size, n, "split_size")
@@ -217,7 +214,8 @@ class AgentCSWinTransformer(nn.Module):
         for _ in range(n - 1):
             res.append(MergeBlock.output_hw(res[-1]))
         la_splits = [max(r) for r in res] if la_split_size is None else parse_int_list(la_split_size, n, "la_split_size")
-        self.num_classes, self.global_pool, self.in_chans, self.output_fmt = num_classes, global_pool, in_chans, "NHWC"
+        self.num_classes, self.global_pool, self.in_chans = num_classes, check_pool(global_pool), in_chans
+        self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (n - 1)
         self.use_chk = use_chk
 
@@ -240,16 +238,6 @@ class AgentCSWinTransformer(nn.Module):
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
     # ------------------------------------------------------------------ timm API
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -266,18 +254,6 @@ class AgentCSWinTransformer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.use_chk = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stem(self, x: Tensor) -> Tuple[Tensor, HW]:
         check_image(x, self.in_chans, type(self).__name__)
@@ -312,14 +288,6 @@ class AgentCSWinTransformer(nn.Module):
             x = self._run_blocks(blocks, x, hw)
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -372,22 +340,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: AgentCSWinTransfo
     return out
 
 
-def _cfg(size: int = 224, crop_pct: float = 0.875, **kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, size, size), "pool_size": None, "crop_pct": crop_pct,
-            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "stage1_conv_embed.0", "classifier": "head", "paper_ids": "arXiv:2312.08874", **kwargs}
-
-
 default_cfgs = generate_default_cfgs({
-    "agent_cswin_tiny": _cfg(), "agent_cswin_small": _cfg(), "agent_cswin_base": _cfg(),
-    "agent_cswin_base_384": _cfg(384),  # the official evaluation of CSWin-B-384 uses the 0.875 crop
+    "agent_cswin_tiny": default_cfg("stage1_conv_embed.0"), "agent_cswin_small": default_cfg("stage1_conv_embed.0"),
+    "agent_cswin_base": default_cfg("stage1_conv_embed.0"),
+    "agent_cswin_base_384": default_cfg("stage1_conv_embed.0", 384),  # official eval of B-384 uses the 0.875 crop
 })
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(AgentCSWinTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+    return build(AgentCSWinTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _T = dict(embed_dim=64, depth=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7),

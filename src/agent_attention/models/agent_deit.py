@@ -127,7 +127,9 @@ def resize_agent_bias_tables(state_dict: Dict[str, Tensor], model: nn.Module) ->
         if leaf in _AXIS_OF_BIAS and k in own and own[k].shape != v.shape and own[k].dim() == v.dim():
             ax = _AXIS_OF_BIAS[leaf]
             if own[k].shape[:ax] + own[k].shape[ax + 1:] != v.shape[:ax] + v.shape[ax + 1:]:
-                raise ValueError(f"incompatible checkpoint: {k} has shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
+                raise ValueError(
+                    f"incompatible checkpoint: {k} has shape {tuple(v.shape)}, model {tuple(own[k].shape)}"
+                )
             state_dict[k] = resize_1d(v, own[k].shape[ax], dim=ax)
     return state_dict
 
@@ -332,8 +334,11 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentVisionTransformer) -> Dic
     pos = out.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
         if pos.dim() != 3 or pos.shape[-1] != model.pos_embed.shape[-1]:
-            raise ValueError(f"incompatible checkpoint: pos_embed {tuple(pos.shape)} vs model {tuple(model.pos_embed.shape)}")
-        out["pos_embed"] = resize_pos_embed(pos, infer_square_grid(pos.shape[1] - 1, "pos_embed"), model.grid, 1, "bicubic")
+            raise ValueError(
+                f"incompatible checkpoint: pos_embed {tuple(pos.shape)} vs model {tuple(model.pos_embed.shape)}"
+            )
+        old = infer_square_grid(pos.shape[1] - 1, "pos_embed")
+        out["pos_embed"] = resize_pos_embed(pos, old, model.grid, 1, "bicubic")
     return resize_agent_bias_tables(out, model)
 
 

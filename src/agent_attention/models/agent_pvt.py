@@ -78,7 +78,8 @@ class SRAttention(nn.Module):
             x = self.sr(x.transpose(1, 2).reshape(B, C, *hw)).flatten(2).transpose(1, 2)
             x = self.norm(x)
         k, v = self.kv(x).reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        p = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -150,7 +151,9 @@ class AgentPyramidVisionTransformer(nn.Module):
         agents = _per_stage(agents * S if len(agents) == 1 else agents, S, "agent_num")
         attn_type = (attn_type or "A" * S).upper()
         if len(attn_type) < S or set(attn_type[:S]) - {"A", "B"}:
-            raise ValueError(f"attn_type must have one letter 'A' (agent) or 'B' (PVT attention) per stage, got {attn_type!r}")
+            raise ValueError(
+                f"attn_type must have one letter 'A' (agent) or 'B' (PVT attention) per stage, got {attn_type!r}"
+            )
         agent_sr = [int(r) for r in (agent_sr_ratios if not isinstance(agent_sr_ratios, int) else str(agent_sr_ratios))]
         agent_sr = _per_stage(agent_sr, S, "agent_sr_ratios")
         for i in range(S):

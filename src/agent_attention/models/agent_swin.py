@@ -18,55 +18,21 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..layers import AgentAttention
-from ._common import (HW, check_image, img_size_2d, pad_hw, parse_attn_type, parse_int_list,
-                      resize_agent_bias, resize_rel_pos_table, resolve_norm_layer, take_indices, to_nchw,
-                      unwrap_state_dict, window_partition, window_reverse)
+from ._common import (HW, ClassifierMixin, build, check_image, check_pool, default_cfg, img_size_2d, pad_hw,
+                      parse_attn_type, parse_int_list, relative_position_index, resize_agent_bias,
+                      resize_rel_pos_table, resolve_norm_layer, shifted_window_mask, take_indices, to_nchw,
+                      unwrap_state_dict, window_padding_mask, window_partition, window_reverse)
 from .registry import ALIASES, register_alias
 
-__all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMerging", "checkpoint_filter_fn"]
+__all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMerging", "checkpoint_filter_fn",
+           "relative_position_index", "shifted_window_mask"]
 
 _GEOMETRY_BUFFERS = ("relative_position_index", "attn_mask")
-
-
-def relative_position_index(window: HW, table_window: int) -> Tensor:
-    """Index ``(wh·ww, wh·ww)`` into a ``((2s-1)², h)`` relative position table (``s = table_window``)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)
-    return rel[..., 0] * (2 * table_window - 1) + rel[..., 1]
-
-
-def shifted_window_mask(hw: HW, padded: HW, window: HW, shift: HW, device=None) -> Optional[Tensor]:
-    """Additive mask ``(nW, N, N)`` (0 / -100) of the shifted-window scheme, or ``None`` if not needed.
-
-    Tokens of different regions of the rolled map (standard Swin labelling) may not attend to each
-    other, and no token attends to the padding added at the bottom/right of an ``hw`` map.
-    """
-    if not any(shift) and tuple(hw) == tuple(padded):
-        return None
-    Hp, Wp = padded
-    label = torch.zeros(1, Hp, Wp, 1, device=device)
-
-    def slices(w, s):
-        return (slice(0, -w), slice(-w, -s), slice(-s, None)) if s else (slice(None),)
-
-    cnt = 0
-    for hs in slices(window[0], shift[0]):
-        for ws in slices(window[1], shift[1]):
-            label[:, hs, ws, :] = cnt
-            cnt += 1
-    if tuple(hw) != tuple(padded):
-        pad = torch.ones(1, Hp, Wp, 1, device=device)
-        pad[:, : hw[0], : hw[1]] = 0
-        label = label * 2 + torch.roll(pad, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    m = window_partition(label, window).squeeze(-1)
-    m = m.unsqueeze(1) - m.unsqueeze(2)
-    return m.masked_fill(m != 0, float(-100.0)).masked_fill(m == 0, float(0.0))
 
 
 class WindowAttention(nn.Module):
@@ -176,9 +142,8 @@ class AgentSwinBlock(nn.Module):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         windows = window_partition(x, win)
         if self.agent:  # official: the shift mask is ignored by agent attention; padding is masked
-            pad = None
-            if tuple(hw) != tuple(padded):
-                pad = _rolled_pad(hw, padded, win, shift, x.device).repeat(B, 1)
+            pad = window_padding_mask(hw, padded, win, shift, x.device)
+            pad = None if pad is None else pad.repeat(B, 1)
             out = self.attn(windows, win, key_padding_mask=pad)
         else:
             out = self.attn(windows, win, self._mask(hw, win, shift, padded, x))
@@ -200,14 +165,6 @@ class AgentSwinBlock(nn.Module):
             x = self._windowed(x.view(B, H, W, C), (H, W)).reshape(B, L, C)
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def _rolled_pad(hw: HW, padded: HW, win: HW, shift: HW, device) -> Tensor:
-    """Bool ``(nW, N)``: padded tokens of each window in the rolled frame."""
-    m = torch.ones(1, *padded, 1, dtype=torch.bool, device=device)
-    m[:, : hw[0], : hw[1]] = False
-    m = torch.roll(m, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    return window_partition(m, win)[..., 0]
 
 
 class PatchEmbed(nn.Module):
@@ -280,7 +237,7 @@ class AgentSwinStage(nn.Module):
         return x if self.downsample is None else self.downsample(x, hw)
 
 
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(ClassifierMixin, nn.Module):
     """Agent-Swin classifier; defaults are Agent-Swin-T at 224.
 
     ``window_size`` is the window of agent blocks (``None``: the patch grid, i.e. global agent
@@ -302,12 +259,10 @@ class AgentSwinTransformer(nn.Module):
         num_heads = parse_int_list(num_heads, n, "num_heads")
         agent_nums = parse_int_list(agent_num, n, "agent_num")
         plan = parse_attn_type(attn_type, depths)
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         H, W = img_size_2d(img_size)
         grid = (-(-H // patch_size), -(-W // patch_size))
         window_size = window_size or max(grid)
-        self.num_classes, self.global_pool, self.num_layers = num_classes, global_pool, n
+        self.num_classes, self.global_pool, self.num_layers = num_classes, check_pool(global_pool), n
         self.embed_dim, self.patch_size, self.in_chans, self.ape = embed_dim, patch_size, in_chans, ape
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
         self.mlp_ratio, self.output_fmt = mlp_ratio, "NHWC"
@@ -336,16 +291,6 @@ class AgentSwinTransformer(nn.Module):
         if use_checkpoint:
             self.set_grad_checkpointing(True)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
     # ------------------------------------------------------------------ timm API
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -369,18 +314,6 @@ class AgentSwinTransformer(nn.Module):
         for layer in self.layers:
             layer.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
         check_image(x, self.in_chans, type(self).__name__)
         x, hw = self.patch_embed(x)
@@ -400,14 +333,6 @@ class AgentSwinTransformer(nn.Module):
             hw = layer.output_hw(hw)
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -470,22 +395,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: AgentSwinTransfor
     return out
 
 
-def _cfg(size: int = 224, crop_pct: float = 0.875, **kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, size, size), "pool_size": None, "crop_pct": crop_pct,
-            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "patch_embed.proj", "classifier": "head", "paper_ids": "arXiv:2312.08874", **kwargs}
-
-
 default_cfgs = generate_default_cfgs({
-    "agent_swin_tiny": _cfg(), "agent_swin_small": _cfg(), "agent_swin_small_288": _cfg(288, 1.0),
-    "agent_swin_base": _cfg(), "agent_swin_base_384": _cfg(384, 1.0),
+    "agent_swin_tiny": default_cfg("patch_embed.proj"), "agent_swin_small": default_cfg("patch_embed.proj"),
+    "agent_swin_small_288": default_cfg("patch_embed.proj", 288, 1.0),  # official eval: no crop
+    "agent_swin_base": default_cfg("patch_embed.proj"), "agent_swin_base_384": default_cfg("patch_embed.proj", 384, 1.0),
 })
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(AgentSwinTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+    return build(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), agent_num=(9, 16, 49, 49), attn_type="AAAB")

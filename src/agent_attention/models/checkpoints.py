@@ -58,7 +58,7 @@ class IncompatibleCheckpointError(ValueError):
 class _NumpyDTypeSpec:
     """Stand-in for a pickled ``numpy.dtype``: remembers the type code and byte order only."""
 
-    def __init__(self, spec: str = "", align: bool = False, copy: bool = True) -> None:
+    def __init__(self, spec: str = "", *args) -> None:
         self.spec, self.byteorder = str(spec), "="
 
     def __setstate__(self, state) -> None:
@@ -71,19 +71,22 @@ def _numpy_scalar(dtype: _NumpyDTypeSpec, data: bytes = b""):
     import numpy as np
 
     if not isinstance(dtype, _NumpyDTypeSpec) or not isinstance(data, (bytes, bytearray)):
-        raise pickle.UnpicklingError("numpy scalar: only numeric scalars stored as raw bytes are accepted")
-    dt = np.dtype(dtype.spec)
-    if dt.kind not in "biufc":
-        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype.spec!r} refused (numeric dtypes only)")
-    if dtype.byteorder in "<>":
-        dt = dt.newbyteorder(dtype.byteorder)
-    return np.frombuffer(bytes(data), dtype=dt, count=1)[0]
+        raise pickle.UnpicklingError("numpy scalar refused: only numeric scalars stored as raw bytes are accepted")
+    try:
+        dt = np.dtype(dtype.spec)
+        if dt.kind not in "biufc":
+            raise TypeError("not numeric")
+        if dtype.byteorder in "<>":
+            dt = dt.newbyteorder(dtype.byteorder)
+        return np.frombuffer(bytes(data), dtype=dt, count=1)[0]
+    except (TypeError, ValueError) as e:
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype.spec!r} refused (numeric dtypes only): {e}") from None
 
 
+#: extra (stand-in, full pickle name) pairs for torch's weights-only unpickler
 _EXTRA_GLOBALS = [
     (collections.OrderedDict, "yacs.config.CfgNode"),
     (_NumpyDTypeSpec, "numpy.dtype"),
-    (_NumpyDTypeSpec, f"{__name__}._NumpyDTypeSpec"),
     (_numpy_scalar, "numpy.core.multiarray.scalar"),
     (_numpy_scalar, "numpy._core.multiarray.scalar"),
     (argparse.Namespace, "argparse.Namespace"),  # timm training scripts store their args
@@ -196,7 +199,7 @@ def load_checkpoint(src: PathOrBytes, map_location: Union[str, torch.device] = "
             f"allowlist (tensors, containers, numbers, strings, yacs CfgNode, numpy scalars).{bad} "
             f"Nothing from it was executed. Unpickler: {reason}"
         ) from e
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as e:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
         raise ValueError(f"checkpoint {name} is not a readable torch or safetensors file: {e!r}") from e
     return _plain(obj)
 
@@ -451,8 +454,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.model:
             from . import create_model  # imports the model families
 
-            with torch.device("meta"):  # shapes only: nothing is computed or allocated
-                model = create_model(args.model)
+            model = create_model(args.model)  # real buffers: the filter may copy them into the state
             state = prepare_state_dict(model, state, strict=True)
             meta["model"] = args.model
         export_safetensors(state, args.dst, metadata=meta)

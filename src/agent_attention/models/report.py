@@ -23,12 +23,12 @@ import io
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["ModelStats", "count_params", "count_flops", "model_stats", "collect", "format_rows", "model_table", "main"]
+__all__ = ["ModelStats", "count_params", "count_flops", "count_flops_by_op", "model_stats", "collect", "format_rows", "model_table", "main"]
 
 aten = torch.ops.aten
 
@@ -86,8 +86,9 @@ def _input_size(model: nn.Module, input_size) -> Tuple[int, int, int]:
     return tuple(int(s) for s in input_size)  # type: ignore[return-value]
 
 
-def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, fvcore_extras: bool = True) -> int:
-    """FLOPs of one forward pass at batch 1, one multiply-add = one FLOP (the fvcore convention).
+def count_flops_by_op(model: nn.Module, input_size: Optional[Sequence[int]] = None, *,
+                      fvcore_extras: bool = True) -> Dict[str, int]:
+    """FLOPs (one multiply-add = one FLOP) of one batch-1 forward pass, per aten op.
 
     ``input_size`` is ``(C, H, W)``, ``(H, W)`` or ``H``; default: the model's
     ``pretrained_cfg['input_size']``. Build the model under ``torch.device("meta")`` to count
@@ -111,7 +112,13 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, *,
             model(x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2
+    by_op = counter.get_flop_counts().get("Global", {})
+    return {str(op).replace("aten.", ""): int(n) // 2 for op, n in by_op.items() if n}
+
+
+def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, fvcore_extras: bool = True) -> int:
+    """Total of :func:`count_flops_by_op`: the number the official tables (fvcore) report."""
+    return sum(count_flops_by_op(model, input_size, fvcore_extras=fvcore_extras).values())
 
 
 @dataclass
@@ -195,7 +202,8 @@ def format_rows(rows: Iterable[ModelStats], fmt: str = "table", aliases: bool = 
     head += (["GFLOPs"] if with_flops else []) + ["paper top-1 (%)"]
     body = []
     for r in rows:
-        cells = [r.name] + ([", ".join(r.aliases)] if aliases else []) + [f"{r.input_size[1]}×{r.input_size[2]}", f"{r.params_m:.2f}"]
+        size = f"{r.input_size[1]}{'x' if fmt == 'csv' else '×'}{r.input_size[2]}"
+        cells = [r.name] + ([", ".join(r.aliases)] if aliases else []) + [size, f"{r.params_m:.2f}"]
         cells += ([f"{r.gflops:.2f}" if r.gflops is not None else ""] if with_flops else [])
         cells += [f"{r.paper_top1:.1f}" if r.paper_top1 is not None else ""]
         body.append(cells)
@@ -208,12 +216,16 @@ def format_rows(rows: Iterable[ModelStats], fmt: str = "table", aliases: bool = 
     if fmt == "markdown":
         right = [h in ("params (M)", "GFLOPs", "paper top-1 (%)") for h in head]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
-        lines += ["| " + " | ".join(c for c in cells) + " |" for cells in body]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines)
     if fmt == "table":
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-        fmt_line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        return "\n".join([fmt_line(head), fmt_line(["-" * w for w in widths])] + [fmt_line(c) for c in body])
+        numeric = [h in ("params (M)", "GFLOPs", "paper top-1 (%)") for h in head]
+
+        def line(cells) -> str:
+            return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
+
+        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in body])
     raise ValueError(f"format must be 'table', 'markdown' or 'csv', got {fmt!r}")
 
 

@@ -1,0 +1,235 @@
+"""``agent-attention bench sd``: seconds per UNet step and peak memory of Stable Diffusion with
+AgentSD, against the stock UNet and ToMeSD (PyPI ``tomesd``) at the same merging ratios.
+
+The UNet is the SD-1.5 architecture built from its config with random weights (timing and memory
+do not depend on the weights), or a local diffusers UNet (``--unet PATH``).  One run measures,
+for each image size (512² → 64² latent; ``--sizes 512 1024``):
+
+* ``baseline``: the UNet with diffusers' default processor (fused SDPA; the paper's 1.84× was
+  measured against a non-fused attention, so expect smaller ratios here);
+* ``tomesd``: ``tomesd.apply_patch(unet, ratio=r)`` (its defaults: ``sx=sy=2``, self-attention
+  merged at the highest resolution);
+* ``agentsd``: ``apply_agentsd(unet, ratio=r)``: the paper's first phase (``sx=sy=4``,
+  ``agent_ratio=0.95``) used for steps 0-19 of 50;
+* with ``--schedule`` also ``agentsd-late`` (the second phase, ``sx=sy=2``, ``agent_ratio=0.5``:
+  ToMe through our processor) and the schedule's mean step time ``0.4·early + 0.6·late``.
+
+Times are medians over rounds that time every configuration once (shared machines load them alike);
+memory is the peak extra memory of one step (activations; the weights are excluded).  Writes
+``sd.md``, ``sd.json`` and ``sd.png`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import common
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+LABELS = {"baseline": "baseline (SDPA)", "tomesd": "ToMeSD", "agentsd": "AgentSD", "agentsd-late": "AgentSD late",
+          "schedule": "AgentSD schedule"}
+EARLY_FRACTION = 0.4  # the paper: 20 of 50 steps with agents
+
+
+def build_unet(args) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    if args.unet:
+        path = Path(args.unet)
+        sub = "unet" if (path / "unet" / "config.json").is_file() else None
+        return UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**(TINY_UNET if args.tiny else SD15_UNET))
+
+
+def configure(unet, method: str, ratio: float) -> None:
+    """Put ``unet`` in the state of ``method`` (undoing any other patch first)."""
+    from ..diffusion import apply_agentsd, remove_agentsd
+    from ..diffusion.patch import PAPER_LATE
+
+    remove_agentsd(unet)
+    try:
+        import tomesd
+
+        tomesd.remove_patch(unet)
+    except ImportError:
+        pass
+    if method == "tomesd":
+        tomesd.apply_patch(unet, ratio=ratio)
+    elif method == "agentsd":
+        apply_agentsd(unet, ratio=ratio)
+    elif method == "agentsd-late":
+        apply_agentsd(unet, **dict(PAPER_LATE, ratio=ratio))
+
+
+def _step_fn(unet, method: str, ratio: float, inputs) -> Callable[[], object]:
+    x, t, context = inputs
+
+    @torch.no_grad()
+    def step():
+        configure(unet, method, ratio)
+        return unet(x, t, context).sample
+
+    return step
+
+
+def run_size(unet, size: int, args, device, dtype) -> List[dict]:
+    latent = size // 8
+    cross = unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, unet.config.in_channels, latent, latent, generator=g).to(device, dtype)
+    context = torch.randn(args.batch, 77, cross, generator=g).to(device, dtype)
+    inputs = (x, torch.tensor(500, device=device), context)
+    configs = {("baseline", 0.0): _step_fn(unet, "baseline", 0.0, inputs)}
+    for method in args.methods:
+        for r in args.ratios:
+            configs[(method, r)] = _step_fn(unet, method, r, inputs)
+    print(f"  {size}² ({latent}² latent): {len(configs)} configurations; memory pass (also the warm-up):", flush=True)
+    memory = {}
+    for key, fn in configs.items():
+        start = time.perf_counter()
+        memory[key] = common.peak_memory(fn, device)
+        print(f"    {key[0]:>12} r={key[1]:<4g} peak {common.fmt_mb(memory[key])} MiB "
+              f"({time.perf_counter() - start:.1f} s with the profiler)", flush=True)
+    print(f"  {size}²: timing {args.repeats} rounds ...", flush=True)
+    names = {f"{m}@{r}": fn for (m, r), fn in configs.items()}
+    timings = common.time_round_robin(names, device, repeats=args.repeats, max_s_per_fn=1e9, warmed=True)
+    configure(unet, "baseline", 0.0)
+    records = []
+    for (m, r) in configs:
+        tm = timings[f"{m}@{r}"]
+        records.append(dict(size=size, latent=latent, method=m, ratio=r, seconds=tm.median, samples=tm.samples,
+                            peak_bytes=memory[(m, r)]))
+    return records
+
+
+def summarize(records: List[dict], methods: Sequence[str], ratios: Sequence[float]):
+    """Rows of the table for each size: ``{size: (headers, rows)}``, plus derived schedule numbers."""
+    tables = {}
+    for size in sorted({r["size"] for r in records}):
+        rec = {(r["method"], r["ratio"]): r for r in records if r["size"] == size}
+        base = rec[("baseline", 0.0)]
+        shown = [m for m in methods if m != "agentsd-late"] + (["schedule"] if "agentsd-late" in methods else [])
+        headers = ["ratio"] + [f"{LABELS[m]} s/step" for m in shown] + [f"{LABELS[m]} MiB" for m in shown]
+        if "tomesd" in methods and "agentsd" in methods:
+            headers.append("AgentSD vs ToMeSD")
+        rows = [["0 (baseline)"] + [f"{base['seconds']:.3f}"] * len(shown) + [common.fmt_mb(base["peak_bytes"])] * len(shown)
+                + (["—"] if "tomesd" in methods and "agentsd" in methods else [])]
+        for r in ratios:
+            sec, mem = {}, {}
+            for m in shown:
+                if m == "schedule":
+                    early, late = rec[("agentsd", r)], rec[("agentsd-late", r)]
+                    sec[m] = EARLY_FRACTION * early["seconds"] + (1 - EARLY_FRACTION) * late["seconds"]
+                    mem[m] = max(early["peak_bytes"], late["peak_bytes"])
+                else:
+                    sec[m], mem[m] = rec[(m, r)]["seconds"], rec[(m, r)]["peak_bytes"]
+            row = [f"{r:g}"] + [f"{sec[m]:.3f} ({common.fmt_ratio(base['seconds'] / sec[m])})" for m in shown]
+            row += [common.fmt_mb(mem[m]) for m in shown]
+            if "tomesd" in methods and "agentsd" in methods:
+                row.append(common.fmt_ratio(sec["tomesd"] / sec["agentsd"]))
+            rows.append(row)
+        tables[size] = (headers, rows)
+    return tables
+
+
+def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) -> Path:
+    sizes = sorted({r["size"] for r in records})
+    fig, axes = common.new_figure(2 * len(sizes), width=4.6)
+    for i, size in enumerate(sizes):
+        ax_t, ax_m = axes[2 * i], axes[2 * i + 1]
+        rec = [r for r in records if r["size"] == size]
+        base = next(r for r in rec if r["method"] == "baseline")
+        for ax, key, scale, unit in ((ax_t, "seconds", 1.0, "s / UNet step"), (ax_m, "peak_bytes", 2**-20, "peak MiB")):
+            ax.axhline(base[key] * scale, color="k", ls="--", label=LABELS["baseline"])
+            for m in methods:
+                pts = sorted((r["ratio"], r[key] * scale) for r in rec if r["method"] == m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[m])
+            ax.set_xlabel("merging ratio r")
+            ax.set_ylabel(unit)
+            ax.set_title(f"{size}² image ({size // 8}² latent)", fontsize=9)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+        ax_t.legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    return common.save_figure(fig, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent-attention bench sd", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes (latent = size/8); e.g. 512 1024")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--methods", nargs="+", choices=("tomesd", "agentsd", "agentsd-late"), default=["tomesd", "agentsd"])
+    p.add_argument("--schedule", action="store_true", help="also time the second phase and report the schedule mean")
+    p.add_argument("--batch", type=int, default=1, help="UNet batch (2 = one CFG step of one image)")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds (median); the memory pass is the warm-up")
+    p.add_argument("--unet", default=None, help="local diffusers UNet or pipeline directory (default: SD-1.5 config, random weights)")
+    p.add_argument("--tiny", action="store_true", help="a tiny UNet (smoke test)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for sd.md, sd.json, sd.png")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.schedule and "agentsd-late" not in args.methods:
+        args.methods.append("agentsd-late")
+    if args.schedule and "agentsd" not in args.methods:
+        args.methods.append("agentsd")
+    bad = [s for s in args.sizes if s < 8 or s % 8] + [r for r in args.ratios if not 0 < r <= 1]
+    if bad or args.batch < 1 or args.repeats < 1:
+        print(f"agent-attention bench sd: invalid sizes/ratios/batch/repeats: {bad or (args.batch, args.repeats)}")
+        return 2
+    if "tomesd" in args.methods:
+        try:
+            import tomesd  # noqa: F401
+        except ImportError:
+            print("agent-attention bench sd: `tomesd` is not installed (pip install tomesd); skipping ToMeSD")
+            args.methods.remove("tomesd")
+    if args.threads:
+        common.set_threads(args.threads)
+    device = common.resolve_device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    info = common.machine_info(device)
+    print(f"bench sd on {common.machine_line(info)}")
+    unet = build_unet(args).to(device, dtype).eval()
+    params = sum(p.numel() for p in unet.parameters())
+    what = args.unet or ("tiny UNet" if args.tiny else "SD-1.5 UNet (random weights)")
+    print(f"{what}: {params / 1e6:.0f}M parameters, {dtype}, batch {args.batch}")
+
+    records: List[dict] = []
+    for size in args.sizes:
+        records += run_size(unet, size, args, device, dtype)
+    tables = summarize(records, args.methods, args.ratios)
+    md = [f"Machine: {common.machine_line(info)}\n\n{what}, {params / 1e6:.0f}M parameters, {dtype}, batch {args.batch}; "
+          "seconds per UNet step (median, speed-up vs baseline in brackets) and peak extra memory of a step."]
+    for size, (headers, rows) in tables.items():
+        print(f"\n{size}² image ({size // 8}² latent), seconds per UNet step (speed-up vs baseline), peak MiB:")
+        print(common.text_table(headers, rows))
+        md.append(f"### {size}² ({size // 8}² latent)\n\n" + common.markdown_table(headers, rows))
+    data = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "params": params, "records": records}
+    for path in common.write_outputs(args.out, "sd", "\n\n".join(md), data):
+        print(f"wrote {path}")
+    if not args.no_plot:
+        title = f"{what}, {dtype}, batch {args.batch}\n{common.machine_line(info)}"
+        print(f"wrote {plot(records, args.methods, args.out / 'sd.png', title)}")
+    return 0

@@ -1,0 +1,165 @@
+"""Benchmarks: the measuring helpers, `bench op` / `bench models` end to end on tiny sizes, and
+torch.compile on the agent attention module and on every model family."""
+import json
+
+import pytest
+import torch
+
+from agent_attention import AgentAttention, agent_attention
+from agent_attention.bench import common
+from agent_attention.bench import main as bench_main
+from agent_attention.bench.op import make_inputs, straightforward_agent_attention
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAMILIES = ["agent_deit_t", "agent_pvt_t", "agent_swin_t", "agent_cswin_t"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_cpu_peak_memory_replays_allocations_in_order():
+    mb = 2**20
+
+    def sequential():  # 1 MB, freed, then 1 MB: peak 1 MB
+        a = torch.ones(mb // 4)
+        del a
+        return torch.ones(mb // 4)
+
+    def overlapping():  # a, b and a + b alive together: peak 3 MB
+        a, b = torch.ones(mb // 4), torch.ones(mb // 4)
+        return a + b
+
+    dev = torch.device("cpu")
+    assert common.peak_memory(sequential, dev) == pytest.approx(mb, rel=0.01)
+    assert common.peak_memory(overlapping, dev) == pytest.approx(3 * mb, rel=0.01)
+
+
+def test_time_round_robin_and_slope():
+    calls = {"a": 0, "b": 0}
+
+    def fa():
+        calls["a"] += 1
+
+    def fb():
+        calls["b"] += 1
+        return torch.ones(64).sum()
+
+    t = common.time_round_robin({"a": fa, "b": fb}, torch.device("cpu"), repeats=3, min_repeat_s=0.0)
+    assert set(t) == {"a", "b"} and all(len(v.samples) == 3 and v.median > 0 for v in t.values())
+    assert calls == {"a": 4, "b": 4}  # one estimate call + three rounds
+    assert common.loglog_slope([10, 100, 1000], [3, 300, 30000]) == pytest.approx(2.0)
+    assert common.loglog_slope([10], [1]) is None
+    with pytest.raises(ValueError, match="repeats"):
+        common.time_round_robin({"a": fa}, torch.device("cpu"), repeats=0)
+
+
+def test_straightforward_baseline_equals_agent_attention():
+    t = make_inputs(12, batch=3, dim=32, heads=2, agents=9, window=8, dtype=torch.float64, device=torch.device("cpu"))
+    assert t["agent_bias"].shape == (1, 2, 9, 144) and t["query_bias"].shape == (1, 2, 144, 9)
+    ref = straightforward_agent_attention(t["q"], t["k"], t["v"], t["agents"], t["agent_bias"], t["query_bias"], t["scale"])
+    out = agent_attention(t["q"], t["k"], t["v"], t["agents"], agent_bias=t["agent_bias"],
+                          query_bias=t["query_bias"], scale=t["scale"])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- commands
+def test_bench_op_tiny_writes_table_and_plot(tmp_path, capsys):
+    rc = bench_main(["op", "--sizes", "8", "16", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "16×16" in printed and "time sdpa/agent" in printed
+    assert (tmp_path / "op.png").read_bytes()[:8] == PNG_MAGIC
+    md = (tmp_path / "op.md").read_text()
+    assert "8×8" in md and "Machine:" in md
+    records = json.loads((tmp_path / "op.json").read_text())["records"]
+    assert {(r["side"], r["method"]) for r in records} == {
+        (s, m) for s in (8, 16) for m in ("agent", "straightforward", "sdpa")}
+    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in records)
+    # the output of each call is counted: at least B·h·N·d·4 bytes
+    assert all(r["peak_bytes"] >= 2 * r["tokens"] * 64 * 4 for r in records)
+    assert max(r.get("max_abs_diff_vs_straightforward", 0) for r in records) < 1e-5
+
+
+def test_bench_op_skips_over_budget(tmp_path, capsys):
+    rc = bench_main(["op", "--sizes", "8", "--repeats", "1", "--threads", "1", "--mem-budget-gb", "0",
+                     "--no-plot", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "skipped (would need" in (tmp_path / "op.md").read_text()
+    assert not (tmp_path / "op.png").exists()
+
+
+def test_bench_dispatch_and_errors(capsys):
+    assert bench_main(["--help"]) == 0
+    assert "models" in capsys.readouterr().out
+    assert bench_main(["nope"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["op", "--threads", "0"])
+    assert "--threads must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["op", "--dim", "30", "--heads", "4"])
+
+
+def test_bench_models_tiny(tmp_path, capsys):
+    rc = bench_main(["models", "--models", "agent_pvt_t", "--sizes", "64", "--repeats", "1", "--threads", "1",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    records = json.loads((tmp_path / "models.json").read_text())["records"]
+    assert {r["variant"] for r in records} == {"agent", "math", "softmax"}
+    assert {r["timm_model"] for r in records if r["variant"] == "softmax"} == {"pvt_v2_b1"}
+    assert all(r["images_per_s"] > 0 and r["peak_bytes"] > 0 for r in records)
+    assert (tmp_path / "models.png").read_bytes()[:8] == PNG_MAGIC
+    assert "agent/math" in (tmp_path / "models.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_main(["models", "--models", "agent_nope"])
+    assert "unknown model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_compile_agent_attention_full_graph():
+    """Dynamo captures the module in one graph (no graph break) and gives the same result."""
+    torch._dynamo.reset()
+    m = AgentAttention(32, num_heads=2, agent_num=9, window=8).eval()
+    x = torch.randn(2, 8 * 10, 32)
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, (8, 10)), m(x, (8, 10)))
+
+
+@pytest.mark.slow
+def test_compile_agent_attention_inductor():
+    torch._dynamo.reset()
+    m = AgentAttention(32, num_heads=2, agent_num=9, window=8).eval()
+    x = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m)(x, (8, 8)), m(x, (8, 8)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compile_every_model_full_graph(name):
+    from agent_attention.models import create_model
+
+    torch._dynamo.reset()
+    model = create_model(name, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_compile_every_model_inductor(name):
+    from agent_attention.models import create_model
+
+    torch._dynamo.reset()
+    model = create_model(name, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-4, rtol=1e-3)
