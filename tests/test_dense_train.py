@@ -46,7 +46,7 @@ def test_detector_steps_reduce_loss(kind):
                            agent_shapes="native", backbone_kwargs=PVT, **extra)
     ds = ShapesDetection(2, (64, 80))
     batch = detection_collate([ds[0], ds[1]])
-    losses = _steps(model, batch, detection_loss)
+    losses = _steps(model, batch, detection_loss, n=8, lr=1e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

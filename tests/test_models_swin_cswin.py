@@ -185,6 +185,9 @@ def test_features_only_small(name, small):
     torch.testing.assert_close(outs[0], inter[1])
     torch.testing.assert_close(outs[1], inter[3])
     torch.testing.assert_close(normed.permute(0, 2, 3, 1), final)
+    with torch.no_grad():  # stop_early ends at the last requested stage output (before any merge)
+        last, _ = model.forward_intermediates(x, indices=[1], stop_early=True)
+    torch.testing.assert_close(last.permute(0, 3, 1, 2), inter[1])
     kept = model.prune_intermediate_layers((0, 1))
     assert kept == [0, 1] and model.num_features == 32
     with torch.no_grad():

@@ -38,6 +38,7 @@ COUNTERPARTS = {
 }
 DEFAULT_MODELS = tuple(COUNTERPARTS)
 VARIANTS = ("agent", "math", "softmax")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _official(name: str) -> str:
@@ -62,9 +63,12 @@ def build(name: str, size: int, *, agent: bool) -> nn.Module:
     return model.eval()
 
 
-def _forward(model: nn.Module, x: torch.Tensor, context: Callable[[], contextlib.AbstractContextManager]):
+def _forward(model: nn.Module, x: torch.Tensor, context: Callable[[], contextlib.AbstractContextManager],
+             dtype: torch.dtype = torch.float32):
+    amp = dtype != torch.float32
+
     def run():
-        with context():
+        with context(), torch.autocast(x.device.type, dtype=dtype, enabled=amp):
             return model(x)
     return run
 
@@ -72,6 +76,7 @@ def _forward(model: nn.Module, x: torch.Tensor, context: Callable[[], contextlib
 def measure_size(names: Sequence[str], size: int, args, device: torch.device, log=print) -> List[dict]:
     """All variants of all models at one input size."""
     records: List[dict] = []
+    dtype = DTYPES[args.dtype]
     x = torch.randn(args.batch, 3, size, size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -93,14 +98,14 @@ def measure_size(names: Sequence[str], size: int, args, device: torch.device, lo
         if "agent" in models:
             for v in args.variants:
                 if v == "agent":
-                    fns[v] = _forward(models["agent"], x, contextlib.nullcontext)
+                    fns[v] = _forward(models["agent"], x, contextlib.nullcontext, dtype)
                 elif v == "math":
-                    fns[v] = _forward(models["agent"], x, lambda: fused(False))
+                    fns[v] = _forward(models["agent"], x, lambda: fused(False), dtype)
             if args.compile:
                 compiled = torch.compile(models["agent"])
-                fns["compiled"] = _forward(compiled, x, contextlib.nullcontext)
+                fns["compiled"] = _forward(compiled, x, contextlib.nullcontext, dtype)
         if "softmax" in models:
-            fns["softmax"] = _forward(models["softmax"], x, contextlib.nullcontext)
+            fns["softmax"] = _forward(models["softmax"], x, contextlib.nullcontext, dtype)
         with torch.inference_mode():
             if args.compile and "compiled" in fns:
                 fns["compiled"]()  # compile outside the measurements
@@ -122,20 +127,20 @@ def measure_size(names: Sequence[str], size: int, args, device: torch.device, lo
             f"{v} {args.batch / timings[v].median:.1f} img/s" for v in timings) +
             ("" if not errors else f" (errors: {errors})"))
         if args.profile and size == args.sizes[0] and "agent" in models:
-            log(profile_table(models["agent"], x, args.profile))
+            log(f"torch.profiler, one forward of {official} @ {size}:\n" + profile_table(fns["agent"], args.profile))
         del models, fns
     return records
 
 
-def profile_table(model: nn.Module, x: torch.Tensor, rows: int) -> str:
-    """The ``rows`` operators with the most self CPU time in one forward (after a warm-up)."""
+def profile_table(forward: Callable[[], object], rows: int) -> str:
+    """The ``rows`` operators with the most self CPU time in one call of ``forward`` (after a warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode():
-        model(x)
+        forward()
         with common._quiet_stderr():
             with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-                model(x)
+                forward()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -205,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="float16/bfloat16: autocast (default float32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap on the timed seconds per variant and size")
@@ -238,7 +244,7 @@ def _main(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
     info = common.machine_info(device)
     print(f"bench models on {common.machine_line(info)}")
-    print(f"batch {args.batch}, float32, random weights, inference mode")
+    print(f"batch {args.batch}, {args.dtype}, random weights, inference mode")
     variants = list(args.variants) + (["compiled"] if args.compile else [])
     records: List[dict] = []
     for size in args.sizes:
@@ -248,9 +254,9 @@ def _main(args: argparse.Namespace) -> int:
     paths = []
     if not args.no_plot:
         paths.append(plot(records, variants, args.out / "models.png",
-                          f"agent models vs softmax (timm) and vs their math path — batch {args.batch}, float32\n"
+                          f"agent models vs softmax (timm) and vs their math path — batch {args.batch}, {args.dtype}\n"
                           f"{common.machine_line(info, wrap=True)}"))
-    md = (f"Machine: {common.machine_line(info)}\n\nBatch {args.batch}, float32, random weights, inference mode. "
+    md = (f"Machine: {common.machine_line(info)}\n\nBatch {args.batch}, {args.dtype}, random weights, inference mode. "
           f"img/s = batch / median time of up to {args.repeats} interleaved rounds; memory = peak extra bytes "
           f"allocated by one forward. `agent/math`: speed-up of the fused path over the same model with "
           f"`fused(False)`; `agent/softmax`: speed of the agent model relative to its timm softmax counterpart.\n\n"

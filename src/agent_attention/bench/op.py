@@ -213,14 +213,17 @@ def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) ->
     return common.save_figure(fig, path)
 
 
-def _dtypes(name: str, device: torch.device) -> List[torch.dtype]:
-    if name == "auto":
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _dtypes(names: Sequence[str], device: torch.device) -> List[torch.dtype]:
+    if list(names) == ["auto"]:
         return [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
-    try:
-        return [{"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]]
-    except KeyError:
-        raise ValueError(f"--dtype must be auto, float32, float16 or bfloat16, got {name!r}") from None
+    bad = [n for n in names if n not in DTYPES]
+    if bad:
+        raise ValueError(f"--dtype must be auto or some of float32, float16, bfloat16; got {bad}")
+    return list(dict.fromkeys(DTYPES[n] for n in names))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=56, help="grid the biases are built for (stage 1 at 224: 56)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU; fp16 and bf16 on CUDA), float32, float16, bfloat16")
+    p.add_argument("--dtype", nargs="+", default=["auto"],
+                   help="auto (fp32 on CPU; fp16 and bf16 on CUDA) or some of float32, float16, bfloat16")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per method (median reported)")
     p.add_argument("--max-seconds", type=float, default=40.0, help="cap on the timed seconds per method and size")
@@ -294,7 +298,8 @@ def _main(args: argparse.Namespace) -> int:
     md = (
         f"Machine: {common.machine_line(info)}\n\nC={args.dim}, heads={args.heads}, agents={args.agents}, "
         f"batch={args.batch}, biases built for a {args.window}×{args.window} grid. Times: median of up to "
-        f"{args.repeats} rounds; memory: peak extra bytes allocated by one call (output included).\n\n"
+        f"{args.repeats} rounds; memory: peak extra bytes allocated by one call (output included). "
+        f"`time X/agent` (`mem X/agent`) = how many times longer (more memory) X takes than `agent_attention`.\n\n"
         + "\n\n".join(sections)
     )
     for path in common.write_outputs(args.out, "op", md, {"machine": info, "args": vars(args), "records": records}):

@@ -261,7 +261,7 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
                 running[k] = running.get(k, 0.0) + float(v.detach())
             running["n"] = running.get("n", 0) + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{base_lrs[0] * f:.2e}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{base_lrs[0] * f:.2e}")
             if step % eval_every == 0 or step == cfg.total_steps:
                 n = running.pop("n")
                 train_losses = {k: v / n for k, v in running.items()}

@@ -345,14 +345,12 @@ class AgentSwinTransformer(ClassifierMixin, nn.Module):
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
         for i, layer in enumerate(stages):
+            if i > 0 and stages[i - 1].downsample is not None:  # the previous stage's closing merge
+                x, hw = stages[i - 1].downsample(x, hw), stages[i - 1].output_hw(hw)
             x = layer.forward_blocks(x, hw)
             if i in take:
-                y = self.norm(x) if norm and i == last else x
-                y = to_nchw(y, hw)
+                y = to_nchw(self.norm(x) if norm and i == last else x, hw)
                 intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
-            if layer.downsample is not None:
-                x = layer.downsample(x, hw)
-                hw = layer.output_hw(hw)
         if intermediates_only:
             return intermediates
         x = self.norm(x) if len(stages) == last + 1 else x
