@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import sys
 import types
 from collections import OrderedDict
@@ -107,7 +108,7 @@ def _assert_same(model: nn.Module, reference: nn.Module) -> None:
 
 def test_plain_weights_only_refuses_official_file(official_ckpt):
     path, _, _ = official_ckpt
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="yacs.config.CfgNode"):
         torch.load(path, weights_only=True)
 
 
@@ -264,6 +265,8 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     before = target.read_bytes()
     with pytest.raises(TypeError, match="'bad' is a str"):
         export_safetensors({"a": torch.zeros(2), "bad": "x"}, target)
+    with pytest.raises(ValueError, match="'m' is on the meta device"):
+        export_safetensors({"m": torch.empty(2, device="meta")}, target)
     import safetensors.torch as st
 
     def broken(tensors, filename, metadata=None):
@@ -279,6 +282,9 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 def test_save_checkpoint_atomic(tmp_path):
     path = tmp_path / "ckpt.pth"
     save_checkpoint_atomic({"model": Tiny().state_dict(), "epoch": 1}, path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     before = path.read_bytes()
     with pytest.raises(Exception):
         save_checkpoint_atomic({"model": Tiny().state_dict(), "fn": lambda: 0}, path)  # unpicklable

@@ -358,6 +358,15 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _file_mode(path: Path) -> int:
+    """The mode a normally created file would get (or the existing file's mode)."""
+    with contextlib.suppress(OSError):
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def _atomic_target(path: Union[str, os.PathLike]) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``."""
@@ -370,6 +379,7 @@ def _atomic_target(path: Union[str, os.PathLike]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _file_mode(path))  # mkstemp makes 0600 files
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
@@ -395,6 +405,8 @@ def _tensors_for_safetensors(state: Mapping[str, Any]) -> Dict[str, Tensor]:
             raise TypeError(f"safetensors keys must be strings, got {k!r}")
         if not isinstance(v, Tensor):
             raise TypeError(f"safetensors can only store tensors; entry {k!r} is a {type(v).__name__}")
+        if v.is_meta:
+            raise ValueError(f"entry {k!r} is on the meta device (it has no data to save)")
         t = v.detach().to("cpu")
         storage = t.untyped_storage()
         whole = storage.nbytes() == t.numel() * t.element_size() and t.is_contiguous()

@@ -65,16 +65,20 @@ class DigitsDataset(Dataset):
 
 @contextlib.contextmanager
 def seeded_rng(seed: int):
-    """Seed python/numpy/torch (CPU) global RNGs with ``seed`` inside, restore them on exit."""
-    py, np_state, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """Seed the python, numpy and torch (CPU) global RNGs with ``seed`` inside the block.
+
+    The python and torch states are restored on exit; numpy's global RNG is only re-seeded
+    (saving and restoring it costs ~0.25 ms, more than a digits sample; the training loop draws
+    from numpy only inside seeded blocks).
+    """
+    py, th = random.getstate(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # torch.manual_seed costs ~0.4 ms (device seeding)
     try:
         yield
     finally:
         random.setstate(py)
-        np.random.set_state(np_state)
         torch.set_rng_state(th)
 
 
