@@ -38,7 +38,7 @@ def test_cli_csv(official_rows, monkeypatch, capsys):
         return official_rows
 
     monkeypatch.setattr(report, "collect", fake_collect)
-    assert report.main(["--format", "csv", "--names", "all"]) == 0
+    assert report.main(["--format", "csv", "--names", "all", "--no-flops"]) == 0
     assert seen == {"names": "all", "flops": False}
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["model"] for r in rows] == list(PAPER_TOP1)
@@ -46,6 +46,7 @@ def test_cli_csv(official_rows, monkeypatch, capsys):
     assert swin == {"model": "agent_swin_tiny", "aliases": "agent_swin_t", "input": "224x224",
                     "params (M)": "28.90", "paper top-1 (%)": "82.6"}
     assert report.main(["--markdown"]) == 0 and seen["flops"] is True
+    assert report.main(["--format", "csv"]) == 0 and seen["flops"] is True  # GFLOPs by default
     with pytest.raises(SystemExit):
         report.main(["--format", "html"])
 

@@ -21,9 +21,10 @@ memory is the peak extra memory of one step (activations; the weights are exclud
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -76,15 +77,22 @@ def configure(unet, method: str, ratio: float) -> None:
         apply_agentsd(unet, **dict(PAPER_LATE, ratio=ratio))
 
 
-def _step_fn(unet, method: str, ratio: float, inputs) -> Callable[[], object]:
-    x, t, context = inputs
+def time_rounds(configs: Dict[tuple, Callable[[], None]], step: Callable[[], object], device, repeats: int):
+    """``repeats`` rounds, each timing one step of every configuration: ``{key: [(wall s, CPU s)]}``.
 
-    @torch.no_grad()
-    def step():
-        configure(unet, method, ratio)
-        return unet(x, t, context).sample
-
-    return step
+    The configuration switch is outside the timed region.  CPU time (``time.process_time``, all
+    threads of this process) is reported next to wall time: it is much less sensitive to other
+    processes on a shared machine."""
+    samples: Dict[tuple, List[Tuple[float, float]]] = {key: [] for key in configs}
+    for _ in range(repeats):
+        for key, setup in configs.items():
+            setup()
+            common.sync(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            common.sync(device)
+            samples[key].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return samples
 
 
 def run_size(unet, size: int, args, device, dtype) -> List[dict]:
@@ -93,56 +101,74 @@ def run_size(unet, size: int, args, device, dtype) -> List[dict]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, unet.config.in_channels, latent, latent, generator=g).to(device, dtype)
     context = torch.randn(args.batch, 77, cross, generator=g).to(device, dtype)
-    inputs = (x, torch.tensor(500, device=device), context)
-    configs = {("baseline", 0.0): _step_fn(unet, "baseline", 0.0, inputs)}
-    for method in args.methods:
-        for r in args.ratios:
-            configs[(method, r)] = _step_fn(unet, method, r, inputs)
+    t = torch.tensor(500, device=device)
+
+    @torch.no_grad()
+    def step():
+        return unet(x, t, context).sample
+
+    keys = [("baseline", 0.0)] + [(m, r) for m in args.methods for r in args.ratios]
+    configs = {key: (lambda key=key: configure(unet, *key)) for key in keys}
     print(f"  {size}² ({latent}² latent): {len(configs)} configurations; memory pass (also the warm-up):", flush=True)
     memory = {}
-    for key, fn in configs.items():
+    for key, setup in configs.items():
+        setup()
         start = time.perf_counter()
-        memory[key] = common.peak_memory(fn, device)
+        memory[key] = common.peak_memory(step, device)
         print(f"    {key[0]:>12} r={key[1]:<4g} peak {common.fmt_mb(memory[key])} MiB "
               f"({time.perf_counter() - start:.1f} s with the profiler)", flush=True)
     print(f"  {size}²: timing {args.repeats} rounds ...", flush=True)
-    names = {f"{m}@{r}": fn for (m, r), fn in configs.items()}
-    timings = common.time_round_robin(names, device, repeats=args.repeats, max_s_per_fn=1e9, warmed=True)
+    samples = time_rounds(configs, step, device, args.repeats)
     configure(unet, "baseline", 0.0)
     records = []
-    for (m, r) in configs:
-        tm = timings[f"{m}@{r}"]
-        records.append(dict(size=size, latent=latent, method=m, ratio=r, seconds=tm.median, samples=tm.samples,
-                            peak_bytes=memory[(m, r)]))
+    for key in keys:
+        wall = [w for w, _ in samples[key]]
+        cpu = [c for _, c in samples[key]]
+        records.append(dict(size=size, latent=latent, method=key[0], ratio=key[1], seconds=statistics.median(wall),
+                            cpu_seconds=statistics.median(cpu), samples=samples[key], peak_bytes=memory[key]))
     return records
 
 
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.3g}" if seconds < 100 else f"{seconds:.0f}"
+
+
+def _metrics(rec: Dict[tuple, dict], method: str, ratio: float) -> Dict[str, float]:
+    if method == "schedule":  # the paper's schedule: 40 % of the steps early, 60 % late
+        early, late = rec[("agentsd", ratio)], rec[("agentsd-late", ratio)]
+        out = {k: EARLY_FRACTION * early[k] + (1 - EARLY_FRACTION) * late[k] for k in ("seconds", "cpu_seconds")}
+        return dict(out, peak_bytes=max(early["peak_bytes"], late["peak_bytes"]))
+    r = rec[(method, ratio)]
+    return {k: r[k] for k in ("seconds", "cpu_seconds", "peak_bytes")}
+
+
 def summarize(records: List[dict], methods: Sequence[str], ratios: Sequence[float]):
-    """Rows of the table for each size: ``{size: (headers, rows)}``, plus derived schedule numbers."""
+    """``{size: (headers, rows)}``: per ratio and method, wall and CPU seconds per step with the
+    speed-up over the baseline, peak MiB; and AgentSD's speed-up over ToMeSD."""
     tables = {}
+    shown = [m for m in methods if m != "agentsd-late"] + (["schedule"] if "agentsd-late" in methods else [])
+    versus = "tomesd" in methods and "agentsd" in methods
     for size in sorted({r["size"] for r in records}):
         rec = {(r["method"], r["ratio"]): r for r in records if r["size"] == size}
-        base = rec[("baseline", 0.0)]
-        shown = [m for m in methods if m != "agentsd-late"] + (["schedule"] if "agentsd-late" in methods else [])
-        headers = ["ratio"] + [f"{LABELS[m]} s/step" for m in shown] + [f"{LABELS[m]} MiB" for m in shown]
-        if "tomesd" in methods and "agentsd" in methods:
-            headers.append("AgentSD vs ToMeSD")
-        rows = [["0 (baseline)"] + [f"{base['seconds']:.3f}"] * len(shown) + [common.fmt_mb(base["peak_bytes"])] * len(shown)
-                + (["—"] if "tomesd" in methods and "agentsd" in methods else [])]
-        for r in ratios:
-            sec, mem = {}, {}
-            for m in shown:
-                if m == "schedule":
-                    early, late = rec[("agentsd", r)], rec[("agentsd-late", r)]
-                    sec[m] = EARLY_FRACTION * early["seconds"] + (1 - EARLY_FRACTION) * late["seconds"]
-                    mem[m] = max(early["peak_bytes"], late["peak_bytes"])
-                else:
-                    sec[m], mem[m] = rec[(m, r)]["seconds"], rec[(m, r)]["peak_bytes"]
-            row = [f"{r:g}"] + [f"{sec[m]:.3f} ({common.fmt_ratio(base['seconds'] / sec[m])})" for m in shown]
-            row += [common.fmt_mb(mem[m]) for m in shown]
-            if "tomesd" in methods and "agentsd" in methods:
-                row.append(common.fmt_ratio(sec["tomesd"] / sec["agentsd"]))
-            rows.append(row)
+        base = _metrics(rec, "baseline", 0.0)
+        headers = ["method", "ratio", "s/step (wall)", "speed-up", "CPU s/step", "speed-up (CPU)", "peak MiB"]
+        if versus:
+            headers += ["vs ToMeSD (wall)", "vs ToMeSD (CPU)"]
+        rows = [[LABELS["baseline"], "0", _fmt_s(base["seconds"]), "1×", _fmt_s(base["cpu_seconds"]), "1×",
+                 common.fmt_mb(base["peak_bytes"])] + (["", ""] if versus else [])]
+        for m in shown:
+            for r in ratios:
+                x = _metrics(rec, m, r)
+                row = [LABELS[m], f"{r:g}", _fmt_s(x["seconds"]), common.fmt_ratio(base["seconds"] / x["seconds"]),
+                       _fmt_s(x["cpu_seconds"]), common.fmt_ratio(base["cpu_seconds"] / x["cpu_seconds"]),
+                       common.fmt_mb(x["peak_bytes"])]
+                if versus:
+                    if m in ("agentsd", "schedule"):
+                        t = _metrics(rec, "tomesd", r)
+                        row += [common.fmt_ratio(t["seconds"] / x["seconds"]), common.fmt_ratio(t["cpu_seconds"] / x["cpu_seconds"])]
+                    else:
+                        row += ["", ""]
+                rows.append(row)
         tables[size] = (headers, rows)
     return tables
 
@@ -220,9 +246,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         records += run_size(unet, size, args, device, dtype)
     tables = summarize(records, args.methods, args.ratios)
     md = [f"Machine: {common.machine_line(info)}\n\n{what}, {params / 1e6:.0f}M parameters, {dtype}, batch {args.batch}; "
-          "seconds per UNet step (median, speed-up vs baseline in brackets) and peak extra memory of a step."]
+          "seconds per UNet step (median of the rounds; wall clock and process CPU time), speed-ups over the "
+          "baseline and over ToMeSD at the same ratio, and the peak extra memory of a step (weights excluded)."]
     for size, (headers, rows) in tables.items():
-        print(f"\n{size}² image ({size // 8}² latent), seconds per UNet step (speed-up vs baseline), peak MiB:")
+        print(f"\n{size}² image ({size // 8}² latent), seconds per UNet step, speed-ups, peak MiB:")
         print(common.text_table(headers, rows))
         md.append(f"### {size}² ({size // 8}² latent)\n\n" + common.markdown_table(headers, rows))
     data = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -235,13 +235,14 @@ def model_table(markdown: bool = True, names: str = "official", flops: bool = Tr
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``agent-attention models [--format table|markdown|csv] [--flops] [--names official|all]``."""
+    """``agent-attention models [--format table|markdown|csv] [--no-flops] [--names official|all]``."""
     p = argparse.ArgumentParser(prog="agent-attention models", description=(
         "List the registered Agent Attention models with parameters, GFLOPs (fvcore convention: one "
         "multiply-add = one FLOP, batch 1, default input size) and the paper's ImageNet top-1."))
     p.add_argument("--format", choices=("table", "markdown", "csv"), default="table")
-    p.add_argument("--markdown", action="store_true", help="shorthand for --format markdown --flops")
-    p.add_argument("--flops", action="store_true", help="also count GFLOPs (a few seconds per model)")
+    p.add_argument("--markdown", action="store_true", help="shorthand for --format markdown")
+    p.add_argument("--no-flops", dest="flops", action="store_false",
+                   help="skip counting GFLOPs (counting takes a few seconds per model)")
     p.add_argument("--names", choices=("official", "all"), default="official",
                    help="official: the 18 released models; all: every registered model")
     p.add_argument("--no-aliases", action="store_true", help="leave out the aliases column")
