@@ -31,6 +31,15 @@ SHAPES_BACKBONES: Dict[str, dict] = {
                   drop_path_rate=0.0),
 }
 
+# Few objects per small image: far fewer proposals / RoIs / detections than COCO's defaults.
+SHAPES_DETECTOR_KWARGS: Dict[str, dict] = {
+    "mask_rcnn": dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
+                      rpn_post_nms_top_n_test=150, rpn_batch_size_per_image=64, box_batch_size_per_image=64,
+                      box_detections_per_img=20),
+    "retinanet": dict(topk_candidates=300, detections_per_img=20),
+    "fcos": dict(topk_candidates=300, detections_per_img=20),
+}
+
 # Official drop-path rates by (recipe, size) (spec §6.2, §6.3).
 _DROP_PATH = {
     "pvt_mask_rcnn": dict(tiny=0.1, small=0.2, medium=0.1, large=0.2),
@@ -126,14 +135,22 @@ def _parse(p: argparse.ArgumentParser, presets: Dict[str, dict], argv: List[str]
     return args
 
 
+def _json(text: Optional[str], flag: str) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
 def _backbone_kwargs(args, recipe: str) -> dict:
     fam = family_of(args.backbone)
     kw = dict(SHAPES_BACKBONES.get(fam, {})) if args.preset == "shapes" else {}
-    if args.model_kwargs:
-        try:
-            kw.update(json.loads(args.model_kwargs))
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"--model-kwargs is not valid JSON: {e}") from None
+    kw.update(_json(args.model_kwargs, "--model-kwargs"))
     dp = args.drop_path
     if dp is None and args.preset != "shapes":
         dp = _DROP_PATH.get(recipe, {}).get(_size_of(args.backbone) or "")
@@ -187,6 +204,8 @@ def train_det_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--fpn-channels", type=int)
     p.add_argument("--box-rep-size", type=int)
     p.add_argument("--mask-channels", type=int)
+    p.add_argument("--detector-kwargs", help="JSON dict for the torchvision detector (rpn_batch_size_per_image, "
+                   "box_detections_per_img / detections_per_img, score thresholds ...)")
     p.add_argument("--train-split", default="train2017")
     p.add_argument("--val-split", default="val2017")
     args = _parse(p, DET_PRESETS, list(sys.argv[1:] if argv is None else argv))
@@ -202,11 +221,13 @@ def train_det_main(argv: Optional[List[str]] = None) -> int:
         if args.num_val:
             val_set = Subset(val_set, range(min(args.num_val, len(val_set))))
     recipe = f"{family_of(args.backbone)}_{args.detector}"
+    det_kwargs = dict(SHAPES_DETECTOR_KWARGS[args.detector]) if args.preset == "shapes" else {}
+    det_kwargs.update(_json(args.detector_kwargs, "--detector-kwargs"))
     model = build_detector(args.detector, args.backbone, num_classes, pretrained_backbone=args.pretrained,
                            strict=not args.no_strict, agent_shapes=args.agent_shapes, fpn_channels=args.fpn_channels,
                            min_size=args.min_size, max_size=args.max_size, anchor_size=args.anchor_size,
                            box_rep_size=args.box_rep_size, mask_channels=args.mask_channels,
-                           backbone_kwargs=_backbone_kwargs(args, recipe))
+                           backbone_kwargs=_backbone_kwargs(args, recipe), **det_kwargs)
     print(model.backbone.body.describe())
     print(f"{args.detector}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(train_set)} training / {len(val_set)} validation images")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -203,8 +204,9 @@ class Loaders:
 
 
 def _loader(dataset, sampler, batch_size, cfg, device, drop_last, seed) -> DataLoader:
+    workers = min(cfg.num_workers, os.cpu_count() or 1)  # never more workers than CPUs
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers, drop_last=drop_last,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         pin_memory=bool(cfg.pin_memory and device.type == "cuda"),
         generator=torch.Generator().manual_seed(seed),  # keep the global RNG untouched
     )

@@ -90,7 +90,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name (default: read from our checkpoint)")
     p.add_argument("--checkpoint", default=None, help="weights file (omit: random weights, throughput only)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights (model_ema / state_dict_ema)")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the recipe's)")
+    p.add_argument("--batch-size", dest="eval_batch", type=int, default=None, help="evaluation batch size (default: the recipe's)")
     p.add_argument("--throughput-warmup", type=int, default=50, help="untimed forwards before timing (official 50)")
     p.add_argument("--throughput-iters", type=int, default=30, help="timed forwards (official 30)")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
@@ -154,14 +154,14 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
             if key in {f.name for f in FIELDS} and key not in ("data", "output", "resume", "device"):
                 cfg[key] = coerce(key, value)
         cfg["model"] = model_name
-        for f in FIELDS:
-            if hasattr(args, f.name):
-                cfg[f.name] = coerce(f.name, getattr(args, f.name))
+        for name in _EVAL_FIELDS:
+            if hasattr(args, name):
+                cfg[name] = coerce(name, getattr(args, name))
         for item in args.set_:
             key, _, value = item.partition("=")
             cfg[key.strip()] = coerce(key.strip(), value)
-        if args.batch_size:
-            cfg["eval_batch_size"] = args.batch_size
+        if args.eval_batch:
+            cfg["eval_batch_size"] = args.eval_batch
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
 
