@@ -113,6 +113,17 @@ class Timing:
     number: int = 1
 
     @property
+    def best(self) -> float:
+        """Fastest sample: the least disturbed by other processes on a shared machine."""
+        return min(self.samples) if self.samples else self.median
+
+    def stat(self, name: str) -> float:
+        """``"median"`` or ``"min"`` (see :attr:`best`)."""
+        if name not in ("median", "min"):
+            raise ValueError(f"--stat must be median or min, got {name!r}")
+        return self.median if name == "median" else self.best
+
+    @property
     def spread(self) -> float:
         """Relative half-range of the samples (a quick noise indicator)."""
         if len(self.samples) < 2 or self.median <= 0:

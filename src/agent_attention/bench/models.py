@@ -117,14 +117,15 @@ def measure_size(names: Sequence[str], size: int, args, device: torch.device, lo
             rec = {"model": official, "size": size, "variant": v, "batch": args.batch,
                    "timm_model": counterpart if v == "softmax" else official, "note": note if v == "softmax" else ""}
             if v in timings:
-                rec.update(seconds=timings[v].median, samples=timings[v].samples,
-                           images_per_s=args.batch / timings[v].median, peak_bytes=memory[v],
+                sec = timings[v].stat(args.stat)
+                rec.update(seconds=sec, seconds_median=timings[v].median, seconds_min=timings[v].best,
+                           samples=timings[v].samples, images_per_s=args.batch / sec, peak_bytes=memory[v],
                            params=params["softmax" if v == "softmax" else "agent"])
             else:
                 rec["error"] = errors.get(v, "")
             records.append(rec)
         log(f"  {official} @ {size}: " + ", ".join(
-            f"{v} {args.batch / timings[v].median:.1f} img/s" for v in timings) +
+            f"{v} {args.batch / timings[v].stat(args.stat):.1f} img/s" for v in timings) +
             ("" if not errors else f" (errors: {errors})"))
         if args.profile and size == args.sizes[0] and "agent" in models:
             log(f"torch.profiler, one forward of {official} @ {size}:\n" + profile_table(fns["agent"], args.profile))
@@ -212,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="float16/bfloat16: autocast (default float32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (see --stat)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="time statistic over the rounds (min: least disturbed by other processes)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap on the timed seconds per variant and size")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(agent model)")
     p.add_argument("--channels-last", action="store_true", help="feed channels-last images")
@@ -257,7 +260,7 @@ def _main(args: argparse.Namespace) -> int:
                           f"agent models vs softmax (timm) and vs their math path — batch {args.batch}, {args.dtype}\n"
                           f"{common.machine_line(info, wrap=True)}"))
     md = (f"Machine: {common.machine_line(info)}\n\nBatch {args.batch}, {args.dtype}, random weights, inference mode. "
-          f"img/s = batch / median time of up to {args.repeats} interleaved rounds; memory = peak extra bytes "
+          f"img/s = batch / {args.stat} time of up to {args.repeats} interleaved rounds; memory = peak extra bytes "
           f"allocated by one forward. `agent/math`: speed-up of the fused path over the same model with "
           f"`fused(False)`; `agent/softmax`: speed of the agent model relative to its timm softmax counterpart.\n\n"
           + common.markdown_table(headers, rows))

@@ -101,7 +101,7 @@ def _functions(t: Dict[str, Tensor], methods: Sequence[str]):
 
 def run(sizes: Sequence[int], *, batch: int, dim: int, heads: int, agents: int, window: int,
         dtype: torch.dtype, device: torch.device, repeats: int, mem_budget: float, methods: Sequence[str],
-        max_s: float, log=print) -> List[dict]:
+        max_s: float, stat: str = "median", log=print) -> List[dict]:
     """Measure every method at every grid side; returns one record per (side, method)."""
     records = []
     for side in sizes:
@@ -124,12 +124,13 @@ def run(sizes: Sequence[int], *, batch: int, dim: int, heads: int, agents: int, 
             if m in skipped:
                 rec["skipped"] = skipped[m]
             else:
-                rec.update(seconds=timings[m].median, samples=timings[m].samples, peak_bytes=memory[m])
+                rec.update(seconds=timings[m].stat(stat), seconds_median=timings[m].median, seconds_min=timings[m].best,
+                           samples=timings[m].samples, peak_bytes=memory[m])
             if m == "agent" and check is not None:
                 rec["max_abs_diff_vs_straightforward"] = check
             records.append(rec)
         log(f"  {side}x{side} ({N} tokens): " + ", ".join(
-            f"{m} {common.fmt_ms(timings[m].median)} ms" if m in timings else f"{m} {skipped[m]}" for m in methods))
+            f"{m} {common.fmt_ms(timings[m].stat(stat))} ms" if m in timings else f"{m} {skipped[m]}" for m in methods))
         del t, fns
     return records
 
@@ -239,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", nargs="+", default=["auto"],
                    help="auto (fp32 on CPU; fp16 and bf16 on CUDA) or some of float32, float16, bfloat16")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per method (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per method (see --stat)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="time statistic over the rounds (min: least disturbed by other processes)")
     p.add_argument("--max-seconds", type=float, default=40.0, help="cap on the timed seconds per method and size")
     p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip configurations estimated to need more")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for op.md, op.json, op.png")
@@ -274,7 +277,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"[{name} on {device}]")
         recs = run(args.sizes, batch=args.batch, dim=args.dim, heads=args.heads, agents=args.agents,
                    window=args.window, dtype=dtype, device=device, repeats=args.repeats,
-                   mem_budget=args.mem_budget_gb * 2**30, methods=args.methods, max_s=args.max_seconds)
+                   mem_budget=args.mem_budget_gb * 2**30, methods=args.methods, max_s=args.max_seconds,
+                   stat=args.stat)
         records += recs
         headers, rows = table(recs, args.methods)
         ts, ms = slopes(recs, args.methods, "seconds"), slopes(recs, args.methods, "peak_bytes")
@@ -297,7 +301,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"wrote {png}")
     md = (
         f"Machine: {common.machine_line(info)}\n\nC={args.dim}, heads={args.heads}, agents={args.agents}, "
-        f"batch={args.batch}, biases built for a {args.window}×{args.window} grid. Times: median of up to "
+        f"batch={args.batch}, biases built for a {args.window}×{args.window} grid. Times: {args.stat} of up to "
         f"{args.repeats} rounds; memory: peak extra bytes allocated by one call (output included). "
         f"`time X/agent` (`mem X/agent`) = how many times longer (more memory) X takes than `agent_attention`.\n\n"
         + "\n\n".join(sections)

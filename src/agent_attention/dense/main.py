@@ -197,7 +197,7 @@ def train_det_main(argv: Optional[List[str]] = None) -> int:
     _common(p, DET_PRESETS)
     p.add_argument("--detector", choices=DETECTORS)
     p.add_argument("--epochs", type=int)
-    p.add_argument("--milestones", help="comma-separated epochs where the lr drops ×0.1")
+    p.add_argument("--milestones", help="comma-separated epochs (may be fractional) where the lr drops ×0.1")
     p.add_argument("--min-size", type=int)
     p.add_argument("--max-size", type=int)
     p.add_argument("--anchor-size", type=float, help="smallest anchor (default: torchvision's 32, FCOS 8)")
@@ -241,7 +241,7 @@ def train_det_main(argv: Optional[List[str]] = None) -> int:
 
     per_epoch = max(1, len(train_set) // args.batch_size)
     steps = args.epochs * per_epoch
-    milestones = [int(e) * per_epoch for e in (args.milestones or "").split(",") if e]
+    milestones = [round(float(e) * per_epoch) for e in (args.milestones or "").split(",") if e]
     sched = Schedule(steps, "step", args.warmup_iters, args.warmup_ratio, milestones)
     return _run(args, model, train_set, D.detection_collate, detection_loss, evaluate, steps, per_epoch, sched, "bbox_mAP")
 

@@ -18,7 +18,7 @@ import yaml
 
 __all__ = [
     "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "load_recipe",
-    "add_config_args", "config_from_args", "coerce", "lr_scale",
+    "add_config_args", "config_from_args", "coerce", "apply_override", "lr_scale",
 ]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -240,11 +240,12 @@ def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]
         cfg[key] = coerce(key, value)
     cfg["recipe"] = path.stem
     for key, value in (overrides or {}).items():
-        _apply(cfg, key, value)
+        apply_override(cfg, key, value)
     return cfg
 
 
-def _apply(cfg: Config, key: str, value: Any) -> None:
+def apply_override(cfg: Config, key: str, value: Any) -> None:
+    """Set field ``key`` (or ``model_kwargs.<name>``, merged into the mapping) from ``value``."""
     if key.startswith("model_kwargs."):
         sub = key[len("model_kwargs."):]
         if not sub:

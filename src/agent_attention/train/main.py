@@ -128,7 +128,7 @@ def _checkpoint_config(obj: Any, path: str) -> Dict[str, Any]:
 def eval_main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``agent-attention eval``; returns the exit code."""
     from ..models.checkpoints import load_checkpoint, load_official_checkpoint
-    from .config import FIELDS, coerce, list_recipes, load_recipe
+    from .config import FIELDS, apply_override, coerce, list_recipes, load_recipe
     from .data import build_loaders
     from .distributed import cleanup, init_distributed
     from .evaluation import amp_dtype, build_model, evaluate, throughput
@@ -158,8 +158,10 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
             if hasattr(args, name):
                 cfg[name] = coerce(name, getattr(args, name))
         for item in args.set_:
-            key, _, value = item.partition("=")
-            cfg[key.strip()] = coerce(key.strip(), value)
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+            apply_override(cfg, key.strip(), value)
         if args.eval_batch:
             cfg["eval_batch_size"] = args.eval_batch
     except (ValueError, FileNotFoundError) as e:
