@@ -79,7 +79,7 @@ def test_detector_forward_backward(kind, backbone):
 @pytest.mark.parametrize("kind", ["fpn", "upernet"])
 def test_segmenter_forward_backward(kind, backbone):
     torch.manual_seed(0)
-    model = build_segmenter(kind, backbone, num_classes=5, decoder_channels=32, segmentation_channels=32,
+    model = build_segmenter(kind, backbone, num_classes=5, decoder_channels=32, segmentation_channels=16,
                             aux_channels=16, backbone_kwargs=TINY[backbone]).train()
     x = torch.rand(2, 3, H, W)
     logits, aux = model(x, with_aux=True)
@@ -180,3 +180,28 @@ def test_backbone_errors(tmp_path):
     bb = AgentBackbone("agent_pvt_tiny", **TINY["agent_pvt_tiny"])
     with pytest.raises(ValueError, match="images"):
         bb(torch.rand(3, 64, 64))
+
+
+@pytest.mark.parametrize("builder,kind,backbone,paper_m", [
+    ("det", "mask_rcnn", "agent_pvt_t", 31), ("det", "mask_rcnn", "agent_pvt_s", 40), ("det", "retinanet", "agent_pvt_t", 21),
+    ("det", "mask_rcnn", "agent_swin_t", 48), ("seg", "fpn", "agent_pvt_t", 15), ("seg", "fpn", "agent_pvt_l", 52),
+    ("seg", "upernet", "agent_swin_t", 61),
+])
+def test_official_structures_match_paper_sizes(builder, kind, backbone, paper_m):
+    """Full-size models (built on the meta device) have the parameter counts of the paper's tables
+    (spec §6.2/6.3: COCO 81 classes incl. background, ADE20K 150)."""
+    with torch.device("meta"):
+        model = build_detector(kind, backbone, 81) if builder == "det" else build_segmenter(kind, backbone, 150)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(paper_m, abs=0.6)
+
+
+def test_checkpoint_head_of_another_task_is_dropped(tmp_path):
+    """A classifier fine-tuned with another number of classes still loads strictly (its head is dropped)."""
+    import agent_attention.models  # noqa: F401
+
+    name = "agent_pvt_tiny"
+    clf = timm.create_model(name, **dict(TINY[name], num_classes=10))
+    state = {"model": clf.state_dict()}
+    bb = AgentBackbone(name, checkpoint=state, **TINY[name])
+    assert bb.load_report["dropped"][:2] == ["head.bias", "head.weight"]
+    torch.testing.assert_close(bb.body.model.patch_embed1.proj.weight, clf.patch_embed1.proj.weight)

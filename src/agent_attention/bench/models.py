@@ -8,9 +8,10 @@ interleaved rounds:
   (``agent_attention.functional.fused(False)``: explicit attention maps) — what a straightforward
   implementation costs;
 * ``softmax``: its softmax-attention counterpart from timm (random weights): DeiT-T →
-  ``deit_tiny_patch16_224``; PVT-T → ``pvt_v2_b1`` (timm has no PVT v1; v2-b1 is the closest size:
-  14.0 M vs 13.2 M parameters, and it uses spatial-reduction attention); Swin-T →
-  ``swin_tiny_patch4_window7_224``; CSWin-T → none (timm has no CSWin).
+  ``deit_tiny_patch16_224``; PVT-T → ``pvt_v2_b1`` (timm has no PVT v1; v2-b1 is the closest size,
+  14.0 M parameters vs 13.2 M for PVT-v1-T and 11.6 M for Agent-PVT-T, and it uses
+  spatial-reduction attention); Swin-T → ``swin_tiny_patch4_window7_224``; CSWin-T → none (timm
+  has no CSWin).
 
 Writes ``models.md``/``models.json``/``models.png``. ``--profile N`` also prints the N most
 expensive operators of each agent model (torch.profiler), ``--compile`` adds a ``torch.compile``

@@ -125,7 +125,8 @@ def run_size(unet, size: int, args, device, dtype) -> List[dict]:
         wall = [w for w, _ in samples[key]]
         cpu = [c for _, c in samples[key]]
         records.append(dict(size=size, latent=latent, method=key[0], ratio=key[1], seconds=statistics.median(wall),
-                            cpu_seconds=statistics.median(cpu), samples=samples[key], peak_bytes=memory[key]))
+                            cpu_seconds=statistics.median(cpu), min_seconds=min(wall), min_cpu_seconds=min(cpu),
+                            samples=samples[key], peak_bytes=memory[key]))
     return records
 
 
@@ -180,17 +181,22 @@ def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) ->
         ax_t, ax_m = axes[2 * i], axes[2 * i + 1]
         rec = [r for r in records if r["size"] == size]
         base = next(r for r in rec if r["method"] == "baseline")
-        for ax, key, scale, unit in ((ax_t, "seconds", 1.0, "s / UNet step"), (ax_m, "peak_bytes", 2**-20, "peak MiB")):
+        for ax, key, scale, unit in ((ax_t, "seconds", 1.0, "s / UNet step (wall; dotted: CPU)"), (ax_m, "peak_bytes", 2**-20, "peak MiB")):
             ax.axhline(base[key] * scale, color="k", ls="--", label=LABELS["baseline"])
+            if key == "seconds":
+                ax.axhline(base["cpu_seconds"], color="k", ls=":", label="baseline, CPU time")
             for m in methods:
-                pts = sorted((r["ratio"], r[key] * scale) for r in rec if r["method"] == m)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[m])
+                pts = sorted((r["ratio"], r[key] * scale, r["cpu_seconds"]) for r in rec if r["method"] == m)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[m])
+                if key == "seconds":
+                    ax.plot([p[0] for p in pts], [p[2] for p in pts], ls=":", marker=".", color=line.get_color(),
+                            label=f"{LABELS[m]}, CPU time")
             ax.set_xlabel("merging ratio r")
             ax.set_ylabel(unit)
             ax.set_title(f"{size}² image ({size // 8}² latent)", fontsize=9)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        ax_t.legend(fontsize=8)
+        ax_t.legend(fontsize=7)
     fig.suptitle(title, fontsize=8)
     return common.save_figure(fig, path)
 

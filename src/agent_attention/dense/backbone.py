@@ -164,24 +164,28 @@ class AgentBackbone(nn.Module):
             close = difflib.get_close_matches(name, timm.list_models("agent_*") + timm.list_models(), n=3)
             raise ValueError(f"unknown backbone {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
         self.name, self.family = name, family_of(name)
-        if checkpoint is None:  # no head needed (a checkpoint is checked against the full classifier)
-            model_kwargs.setdefault("num_classes", 0)
+        model_kwargs.setdefault("num_classes", 0)  # no classifier: a checkpoint's head is dropped below
         model = timm.create_model(name, pretrained=False, **model_kwargs)
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(f"backbone {name!r} has no forward_intermediates (not a hierarchical timm model)")
         self.load_report: Dict[str, object] = {"checkpoint": None}
         full_keys = set(model.state_dict())
+        head_keys: List[str] = []
         if checkpoint is not None:
-            from ..models.checkpoints import prepare_state_dict
+            from ..models.checkpoints import load_checkpoint_state, prepare_state_dict, select_state_dict
 
-            state = prepare_state_dict(model, checkpoint, strict=strict)
+            state = select_state_dict(checkpoint)[0] if isinstance(checkpoint, dict) else load_checkpoint_state(checkpoint)
+            cls = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+            head_keys = sorted(k for k in state if k == cls or k.startswith(cls + "."))
+            state = prepare_state_dict(model, {k: v for k, v in state.items() if k not in head_keys}, strict=strict)
             model.load_state_dict(state, strict=False)
             self.load_report.update(checkpoint=str(checkpoint) if not isinstance(checkpoint, dict) else "<state dict>",
                                     loaded=len(state))
         out_indices = tuple(int(i) for i in out_indices)
         self.body = FeatureGetterNet(model, out_indices=out_indices, norm=False, prune=True)
         kept = set(self.body.model.state_dict())
-        self.load_report["dropped"] = sorted(full_keys - kept)  # classification-only parts (head, final norm)
+        # classification-only parts: the checkpoint's head, and what pruning removed (Swin/CSWin final norm)
+        self.load_report["dropped"] = head_keys + sorted(full_keys - kept)
         self.out_indices = out_indices
         self.out_channels: List[int] = list(self.body.feature_info.channels())
         self.strides: List[int] = list(self.body.feature_info.reduction())

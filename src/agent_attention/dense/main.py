@@ -66,9 +66,9 @@ DET_PRESETS: Dict[str, dict] = {
 }
 _ADE = dict(agent_shapes="official", batch_size=16, crop_size=512, decoder_channels=None)
 SEG_PRESETS: Dict[str, dict] = {
-    "shapes": dict(head="fpn", backbone="agent_pvt_tiny", iters=600, eval_interval=200, batch_size=8, lr=1e-3,
+    "shapes": dict(head="fpn", backbone="agent_pvt_tiny", iters=1000, eval_interval=250, batch_size=8, lr=1e-3,
                    weight_decay=1e-4, poly_power=0.9, warmup_iters=0, warmup_ratio=1e-6, agent_shapes="native",
-                   decoder_channels=64, segmentation_channels=64, aux_channels=0, no_decay="", num_train=256,
+                   decoder_channels=64, segmentation_channels=64, aux_channels=0, no_decay="", num_train=1024,
                    num_val=64, image_size=96, crop_size=0),
     "pvt_fpn_40k": dict(_ADE, head="fpn", backbone="agent_pvt_t", iters=40000, eval_interval=4000, lr=2e-4,
                         weight_decay=1e-4, poly_power=0.9, warmup_iters=0, warmup_ratio=1e-6, no_decay="",

@@ -1,16 +1,21 @@
 """Semantic segmentation over agent backbones: Semantic FPN and UperNet (spec §6.3).
 
-The decoders are segmentation-models-pytorch's (``FPNDecoder``: Kirillov et al.'s Semantic FPN —
-per-level conv/upsample branches summed at 1/4 resolution; ``UPerNetDecoder``: PPM on the last
-stage + FPN fusion) fed by an :class:`~agent_attention.dense.backbone.AgentBackbone`. UperNet gets
-mmseg's auxiliary FCN head on stage 3 (loss weight 0.4 in the official config).
+* Semantic FPN (Kirillov et al., as mmseg's ``fpn_r50`` config): torchvision's
+  ``FeaturePyramidNetwork`` (1×1 laterals, top-down sum, 3×3 output convs) and
+  :class:`SemanticFPNHead` — per level ``max(1, log2(stride/4))`` conv3x3-BN-ReLU blocks, each
+  followed by a 2× upsample, summed at 1/4 resolution;
+* UperNet: segmentation-models-pytorch's ``UPerNetDecoder`` (PPM on the last stage + FPN fusion)
+  plus mmseg's auxiliary FCN head on stage 3 (loss weight 0.4 in the official config).
 
-:class:`Segmenter` takes images in ``[0, 1]`` of any size (normalised inside, padded to a multiple
-of 32, logits cropped back) and returns logits ``(B, num_classes, H, W)`` at the input size.
+Both are fed by an :class:`~agent_attention.dense.backbone.AgentBackbone`. :class:`Segmenter`
+takes images in ``[0, 1]`` of any size (normalised inside, padded to a multiple of 32, logits
+cropped back) and returns logits ``(B, num_classes, H, W)`` at the input size.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+import math
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +27,7 @@ SEGMENTERS = ("fpn", "upernet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-__all__ = ["SEGMENTERS", "Segmenter", "FCNAuxHead", "build_segmenter"]
+__all__ = ["SEGMENTERS", "Segmenter", "SemanticFPNHead", "FCNAuxHead", "build_segmenter"]
 
 
 class FCNAuxHead(nn.Module):
@@ -39,6 +44,38 @@ class FCNAuxHead(nn.Module):
         return self.cls(self.dropout(self.conv(x)))
 
 
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SemanticFPNHead(nn.Module):
+    """FPN neck + mmseg's ``FPNHead``: every pyramid level is brought to 1/4 resolution and summed."""
+
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], pyramid_channels: int = 256,
+                 channels: int = 128):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+
+        self.fpn = FeaturePyramidNetwork(list(in_channels), pyramid_channels)
+        self.scale_heads = nn.ModuleList()
+        for s in strides:
+            n = max(1, int(math.log2(s) - math.log2(strides[0])))
+            layers: List[nn.Module] = []
+            for k in range(n):
+                layers.append(_conv_bn_relu(pyramid_channels if k == 0 else channels, channels))
+                if s != strides[0]:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.out_channels = channels
+
+    def forward(self, feats: List[Tensor]) -> Tensor:
+        pyr = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
+        out = self.scale_heads[0](pyr[0])
+        for head, p in zip(self.scale_heads[1:], pyr[1:]):
+            out = out + F.interpolate(head(p), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+
 class Segmenter(nn.Module):
     """Backbone + decoder + 1×1 classifier; see :func:`build_segmenter`."""
 
@@ -53,23 +90,15 @@ class Segmenter(nn.Module):
         if len(backbone.out_channels) != 4 or backbone.strides != [4, 8, 16, 32]:
             raise ValueError(f"segmentation heads need 4 backbone maps at strides 4/8/16/32, got strides {backbone.strides}")
         self.kind, self.num_classes, self.backbone = kind, num_classes, backbone
-        enc = [3, 0] + list(backbone.out_channels)  # smp's layout: input, (missing) stride 2, strides 4..32
         if kind == "fpn":
-            from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
-
-            if segmentation_channels % 32:
-                raise ValueError(f"Semantic FPN uses GroupNorm(32): segmentation_channels must be a multiple of 32, "
-                                 f"got {segmentation_channels}")
-            self.decoder = FPNDecoder(enc, encoder_depth=5, pyramid_channels=decoder_channels,
-                                      segmentation_channels=segmentation_channels, dropout=dropout, merge_policy="add")
-            head_in = segmentation_channels
-            self.dropout = nn.Identity()  # FPNDecoder applies its own dropout
+            self.decoder = SemanticFPNHead(backbone.out_channels, backbone.strides, decoder_channels, segmentation_channels)
         else:
             from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
+            enc = [3, 0] + list(backbone.out_channels)  # smp's layout: input, (missing) stride 2, strides 4..32
             self.decoder = UPerNetDecoder(enc, encoder_depth=5, decoder_channels=decoder_channels)
-            head_in = decoder_channels
-            self.dropout = nn.Dropout2d(dropout)
+        head_in = segmentation_channels if kind == "fpn" else decoder_channels
+        self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(head_in, num_classes, 1)
         self.aux_head = FCNAuxHead(backbone.out_channels[2], num_classes, aux_channels) if aux_channels else None
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
@@ -83,7 +112,7 @@ class Segmenter(nn.Module):
         x = (images - self.image_mean) / self.image_std
         feats = self.backbone(x)  # padded to a multiple of 32 inside
         padded = (feats[0].shape[-2] * 4, feats[0].shape[-1] * 4)
-        dec = self.decoder([x, x[:, :0]] + feats)
+        dec = self.decoder(feats) if self.kind == "fpn" else self.decoder([x, x[:, :0]] + feats)
         logits = self.classifier(self.dropout(dec))
         logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[..., :H, :W]
         if not with_aux:

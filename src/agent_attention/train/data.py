@@ -158,7 +158,7 @@ def build_transforms(cfg, is_training: bool) -> Callable:
         aa = cfg.auto_augment if cfg.auto_augment not in (None, "", "none") else None
         return create_transform(
             cfg.img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter, auto_augment=aa, re_prob=cfg.reprob, re_mode=cfg.remode,
+            color_jitter=cfg.color_jitter if cfg.color_jitter > 0 else None, auto_augment=aa, re_prob=cfg.reprob, re_mode=cfg.remode,
             re_count=cfg.recount, **common,
         )
     crop_pct = cfg.crop_pct if cfg.test_crop else 1.0
