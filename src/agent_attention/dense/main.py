@@ -182,8 +182,9 @@ def _run(args, model, train_set, collate, loss_fn, evaluate, steps, eval_every, 
     summary = train(model, train_set, collate, loss_fn, evaluate, opt, schedule, cfg, device, resume=args.resume,
                     run_config=run_config)
     init, final = summary["init"] or {}, summary["final"] or {}
-    print(f"done in {summary['wall_time_s']:.1f}s: {key} {100 * final.get(key, float('nan')):.2f} "
-          f"(untrained {100 * init.get(key, float('nan')):.2f}); outputs in {args.output}")
+    base = f" (untrained {100 * init[key]:.2f})" if key in init else ""
+    print(f"done in {summary['wall_time_s']:.1f}s: {key} {100 * final.get(key, float('nan')):.2f}{base}; "
+          f"outputs in {args.output}")
     return 0
 
 
