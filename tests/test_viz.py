@@ -57,6 +57,16 @@ def test_maps_are_softmaxes_and_reproduce_the_block(pvt_calls):
         agent_maps(call, head=2)
 
 
+def test_windowed_calls_are_refused(pvt_calls):
+    import dataclasses
+
+    _, calls = pvt_calls
+    c = calls[2]
+    windows = dataclasses.replace(c, q=c.q.repeat(4, 1, 1), k=c.k.repeat(4, 1, 1), v=c.v.repeat(4, 1, 1))
+    with pytest.raises(ValueError, match="windows or stripes"):
+        agent_maps(windows)
+
+
 def test_class_token_is_excluded():
     model = create_model("agent_deit_t", img_size=64).eval()
     calls = capture_agent_calls(model, torch.randn(1, 3, 64, 64))

@@ -46,6 +46,7 @@ class AgentCall:
     stage: int = 0  # 1-based, grouped by the token grid
     index: int = 0  # 0-based within the stage
     hw: Tuple[int, int] = (0, 0)
+    image_batch: int = 1  # images in the forward pass (more rows in q: windows or stripes)
     q: Optional[Tensor] = None
     k: Optional[Tensor] = None
     v: Optional[Tensor] = None
@@ -99,7 +100,8 @@ def capture_agent_calls(model: nn.Module, x: Tensor) -> List[AgentCall]:
             continue
 
         def attend(q, k, v, hw, *, _mod=mod, _name=name, _orig=mod.attend, **kw):
-            calls.append(AgentCall(_name, _mod, len(calls), hw=to_2tuple_hw(hw), q=q.detach(), k=k.detach(),
+            calls.append(AgentCall(_name, _mod, len(calls), hw=to_2tuple_hw(hw), image_batch=x.shape[0],
+                                   q=q.detach(), k=k.detach(),
                                    v=v.detach(), kwargs=dict(kw)))
             return _orig(q, k, v, hw, **kw)
 
@@ -147,13 +149,16 @@ def agent_maps(call: AgentCall, head: Optional[int] = None) -> Dict[str, object]
     P = m.num_prefix_tokens
     if q.shape[1] != P + H * W or k.shape[1] != q.shape[1]:
         raise ValueError(f"block {call.name} is not a self-attention over its {H}x{W} grid; cannot draw it")
+    if q.shape[0] != call.image_batch or call.kwargs.get("key_padding_mask") is not None:
+        raise ValueError(
+            f"block {call.name} attends within windows or stripes ({q.shape[0]} groups of {H}x{W} tokens for "
+            f"{call.image_batch} image(s)); only blocks that attend over the whole feature map can be drawn")
     grid = to_2tuple_hw(m.agent_shape, "agent_shape")
     agents = pool_agents(q[:, P:], (H, W), grid)
     b1, b2 = m.biases((H, W), (H, W), q.shape[1], k.shape[1])
     h, d = m.num_heads, m.head_dim
     heads = lambda t: t.unflatten(-1, (h, d)).transpose(1, 2)  # noqa: E731
-    phi_q, phi_k = agent_feature_maps(heads(q), heads(k), heads(agents), agent_bias=b1, query_bias=b2,
-                                      scale=m.scale, key_padding_mask=call.kwargs.get("key_padding_mask"))
+    phi_q, phi_k = agent_feature_maps(heads(q), heads(k), heads(agents), agent_bias=b1, query_bias=b2, scale=m.scale)
     if head is not None and not 0 <= head < h:
         raise ValueError(f"--head must be in [0, {h}) for block {call.name}, got {head}")
     pick = (lambda t: t[0, head]) if head is not None else (lambda t: t[0].mean(0))

@@ -156,8 +156,9 @@ def _rec(records, model, size, variant):
 def table(records: List[dict], variants: Sequence[str]):
     models = list(dict.fromkeys(r["model"] for r in records))
     sizes = sorted({r["size"] for r in records})
-    headers = ["model", "size"] + [f"{v} img/s" for v in variants] + ["agent/math", "agent/softmax"] + \
-        [f"{v} MB" for v in variants] + ["softmax model"]
+    soft_col = "softmax" in variants
+    headers = ["model", "size"] + [f"{v} img/s" for v in variants] + ["agent/math"] + \
+        (["agent/softmax"] if soft_col else []) + [f"{v} MB" for v in variants] + (["softmax model"] if soft_col else [])
     rows = []
     for m in models:
         for s in sizes:
@@ -170,37 +171,54 @@ def table(records: List[dict], variants: Sequence[str]):
             rows.append(
                 [m, str(s)]
                 + [f"{ips[v]:.1f}" if ips[v] else ("error" if (recs[v] or {}).get("error") else "—") for v in variants]
-                + [common.fmt_ratio(ratio(ips.get("agent"), ips.get("math"))),
-                   common.fmt_ratio(ratio(ips.get("agent"), ips.get("softmax")))]
+                + [common.fmt_ratio(ratio(ips.get("agent"), ips.get("math")))]
+                + ([common.fmt_ratio(ratio(ips.get("agent"), ips.get("softmax")))] if soft_col else [])
                 + [common.fmt_mb((recs[v] or {}).get("peak_bytes")) for v in variants]
-                + [soft.get("timm_model") or COUNTERPARTS.get(m, (None, "—"))[1] or "—"]
+                + ([soft.get("timm_model") or COUNTERPARTS.get(m, (None, "—"))[1] or "—"] if soft_col else [])
             )
     return headers, rows
 
 
 def plot(records: List[dict], variants: Sequence[str], path: Path, title: str) -> Path:
-    fig, (ax_s, ax_m) = common.new_figure(2)
-    colors = dict(zip(dict.fromkeys(r["model"] for r in records), ("tab:blue", "tab:orange", "tab:green", "tab:red",
-                                                                   "tab:purple", "tab:brown")))
-    styles = {"agent": ("-", "o"), "math": (":", "x"), "softmax": ("--", "s"), "compiled": ("-.", "d")}
-    for ax, key, scale, ylabel in ((ax_s, "images_per_s", 1.0, "images / s"), (ax_m, "peak_bytes", 2.0**-20, "peak memory (MB)")):
-        for m, color in colors.items():
+    """One column per model: images/s (top) and peak memory (bottom) against the input size."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    models = list(dict.fromkeys(r["model"] for r in records))
+    sizes = sorted({r["size"] for r in records})
+    fig = Figure(figsize=(3.3 * len(models) + 0.6, 6.4), layout="constrained")
+    axes = fig.subplots(2, len(models), squeeze=False)
+    styles = {"agent": ("tab:green", "-", "o"), "math": ("tab:orange", ":", "x"), "softmax": ("tab:red", "--", "s"),
+              "compiled": ("tab:blue", "-.", "d")}
+    for col, m in enumerate(models):
+        for row, (key, scale, ylabel) in enumerate((("images_per_s", 1.0, "images / s"),
+                                                    ("peak_bytes", 2.0**-20, "peak memory (MB)"))):
+            ax = axes[row, col]
             for v in variants:
-                pts = sorted((r["size"], r[key] * scale) for r in records if r["model"] == m and r["variant"] == v and r.get(key))
+                pts = sorted((r["size"], r[key] * scale) for r in records
+                             if r["model"] == m and r["variant"] == v and r.get(key))
                 if not pts:
                     continue
-                ls, marker = styles.get(v, ("-", "."))
-                label = m.replace("_tiny", "-T") if v == "agent" else \
-                    f"  {m.replace('_tiny', '-T')} {v}" + (f" ({_rec(records, m, pts[0][0], v)['timm_model']})" if v == "softmax" else "")
+                color, ls, marker = styles.get(v, ("gray", "-", "."))
+                label = {"agent": "agent (fused)", "math": "agent, math path"}.get(v, v)
+                if v == "softmax":
+                    label = f"softmax: {_rec(records, m, pts[0][0], v)['timm_model']}"
                 ax.plot(*zip(*pts), ls=ls, marker=marker, color=color, label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("input size (pixels per side)")
-        ax.set_ylabel(ylabel)
-        sizes = sorted({r["size"] for r in records})
-        ax.set_xticks(sizes)
-        ax.set_xticklabels([str(s) for s in sizes])
-        ax.grid(True, which="both", alpha=0.3)
-    ax_s.legend(fontsize=7, ncol=1)
+            ax.set_yscale("log")
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([str(s) for s in sizes], fontsize=8)
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="both", labelsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(ylabel)
+            if row == 0:
+                ax.set_title(m, fontsize=10)
+                ax.legend(fontsize=7, loc="best")
+            else:
+                ax.set_xlabel("input size (pixels per side)", fontsize=8)
     fig.suptitle(title, fontsize=9)
     return common.save_figure(fig, path)
 
