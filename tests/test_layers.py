@@ -202,3 +202,44 @@ def test_agent_num_resolution_independent_of_window():
     m = AgentAttention(16, 1, 49, window=(56, 56))
     for hw in [(56, 56), (28, 40), (100, 7)]:
         assert m(torch.randn(1, math.prod(hw), 16), hw).shape == (1, math.prod(hw), 16)
+
+
+def _randomize_biases(m):
+    with torch.no_grad():
+        for name, p in m.named_parameters(recurse=False):
+            p.normal_(0, 0.5)
+
+
+def test_inference_bias_cache_is_exact_and_follows_parameter_changes():
+    torch.manual_seed(0)
+    m = AgentAttention(32, num_heads=4, agent_num=9, window=(6, 6)).eval()
+    _randomize_biases(m)
+    x = torch.randn(2, 36, 32)
+    with torch.no_grad():
+        first = m(x, (6, 6))
+        assert len(m.__dict__.get("_bias_cache", {})) == 1  # the cache is used in eval/no-grad
+        second = m(x, (6, 6))
+        fresh = m.compose_biases((6, 6), (6, 6), 36, 36)
+        cached = m.biases((6, 6), (6, 6), 36, 36)
+        for a, b in zip(fresh, cached):
+            assert torch.equal(a, b)
+        assert torch.equal(first, second)
+        m.an_bias.add_(1.0)  # in-place update (an optimizer step, load_state_dict): recomposed
+        changed = m(x, (6, 6))
+        assert not torch.allclose(changed, first)
+        m.an_bias.sub_(1.0)
+        torch.testing.assert_close(m(x, (6, 6)), first)
+        other_grid = m(torch.randn(2, 20, 32), (4, 5))  # a new grid replaces the entry
+        assert other_grid.shape == (2, 20, 32) and len(m._bias_cache) == 1
+    md = m.double()  # new storages and dtype: no stale float32 biases
+    with torch.no_grad():
+        torch.testing.assert_close(md(x.double(), (6, 6)).float(), first, atol=1e-5, rtol=1e-5)
+    m.float()
+
+
+def test_training_does_not_use_the_bias_cache():
+    torch.manual_seed(0)
+    m = AgentAttention(32, num_heads=4, agent_num=9, window=(6, 6))
+    m(torch.randn(2, 36, 32), (6, 6)).sum().backward()
+    assert "_bias_cache" not in m.__dict__
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.endswith("_bias"))

@@ -146,3 +146,12 @@ def test_formats():
         report.format_rows(rows, "html")
     with pytest.raises(ValueError, match="names"):
         report.collect("some")
+
+
+@pytest.mark.parametrize("module", ["agent_deit", "agent_pvt", "agent_swin", "agent_cswin"])
+def test_family_modules_star_import_defines_every_listed_name(module):
+    namespace: dict = {}
+    exec(f"from agent_attention.models.{module} import *", namespace)  # noqa: S102
+    mod = __import__(f"agent_attention.models.{module}", fromlist=["__all__"])
+    assert set(mod.__all__) <= set(namespace)
+    assert any(name.endswith("_t") for name in mod.__all__)  # the short aliases are exported

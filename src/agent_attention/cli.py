@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from importlib import import_module
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # name -> (module, function taking argv, one-line help)
 COMMANDS = {
@@ -23,31 +23,37 @@ COMMANDS = {
 }
 
 
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: agent-attention <command> [options]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Run `agent-attention <command> --help` for the options of a command."]
+def _usage(prog: str, commands: Dict[str, Tuple[str, str, str]], what: str) -> str:
+    width = max(map(len, commands))
+    lines = [f"usage: {prog} <{what}> [options]", "", f"{what}s:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in commands.items()]
+    lines += ["", f"Run `{prog} <{what}> --help` for the options of a {what}."]
     return "\n".join(lines)
+
+
+def dispatch(prog: str, commands: Dict[str, Tuple[str, str, str]], argv: List[str], what: str = "command") -> int:
+    """Run ``argv[0]``'s entry of ``commands`` (name -> (module, function, help)) on ``argv[1:]``;
+    the module is imported only now."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(prog, commands, what))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"{prog}: unknown {what} {name!r}\n\n{_usage(prog, commands, what)}", file=sys.stderr)
+        return 2
+    module, func, _ = commands[name]
+    result = getattr(import_module(module), func)(rest)
+    return int(result or 0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    if argv[0] in ("-V", "--version"):
+    if argv and argv[0] in ("-V", "--version"):
         from . import __version__
 
         print(__version__)
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"agent-attention: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module, func, _ = COMMANDS[name]
-    result = getattr(import_module(module), func)(rest)
-    return int(result or 0)
+    return dispatch("agent-attention", COMMANDS, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -158,6 +158,8 @@ def agent_attention(
     s2 = s if query_scale is None else float(query_scale)
     mask1 = _agent_mask(agent_bias, key_padding_mask, q.dtype)
     mask2 = None if query_bias is None else query_bias.to(q.dtype)
+    if agents.stride(-1) != 1:  # the fused kernels need a unit-stride head dim (a small n × d copy)
+        agents = agents.contiguous()
     agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask1, dropout_p=dropout_p, scale=s)
     return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=mask2, dropout_p=dropout_p, scale=s2)
 

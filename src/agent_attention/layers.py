@@ -133,6 +133,19 @@ def query_bias_2d(na_bias: Tensor, ha_bias: Tensor, wa_bias: Tensor, query_hw: H
     return resize_agents(bias, 2, (p, p), agent_grid)
 
 
+def _channels_last_grid(tokens: Tensor, hw: HW) -> Tensor:
+    """``(B, H·W, C)`` tokens as a ``(B, C, H, W)`` image in channels-last memory format (a view when
+    the tokens are contiguous rows, a single copy otherwise)."""
+    B, _, C = tokens.shape
+    H, W = hw
+    return tokens.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def _grid_tokens(image: Tensor) -> Tensor:
+    """``(B, C, h, w)`` image back to ``(B, h·w, C)`` contiguous tokens (free for channels-last)."""
+    return image.flatten(2).transpose(1, 2).contiguous()
+
+
 def pool_agents(q: Tensor, hw: Optional[HW], agent_grid: Union[HW, int], valid: Optional[Tensor] = None) -> Tensor:
     """Agent tokens ``(B, A, C)`` by adaptive average pooling of the queries ``q (B, N, C)``.
 
@@ -144,13 +157,16 @@ def pool_agents(q: Tensor, hw: Optional[HW], agent_grid: Union[HW, int], valid: 
     B, N, C = q.shape
     if hw is not None:
         H, W = hw
-        grid = q.transpose(1, 2).reshape(B, C, H, W)
+        # A channels-last view of the tokens: the pooling reads it without a transposing copy, and
+        # the agents come out (B, A, C)-contiguous, which SDPA's fused CPU kernels need (a strided
+        # head dim sends them to the slow math backend).
+        grid = _channels_last_grid(q, (H, W))
         if valid is None:
-            return F.adaptive_avg_pool2d(grid, agent_grid).flatten(2).transpose(1, 2)
+            return _grid_tokens(F.adaptive_avg_pool2d(grid, agent_grid))
         w = valid.to(q.dtype).reshape(B, 1, H, W)
         num = F.adaptive_avg_pool2d(grid * w, agent_grid)
         den = F.adaptive_avg_pool2d(w, agent_grid).clamp_min(torch.finfo(q.dtype).tiny)
-        return (num / den).flatten(2).transpose(1, 2)
+        return _grid_tokens(num / den)
     n = int(agent_grid)
     if valid is None:
         return F.adaptive_avg_pool1d(q.transpose(1, 2), n).transpose(1, 2)
@@ -291,6 +307,39 @@ class AgentAttention(nn.Module):
         return to_2tuple_hw(self.agent_shape, "agent_shape")
 
     def biases(
+        self,
+        query_hw: Optional[HW],
+        key_hw: Optional[HW],
+        n_q: int,
+        n_k: int,
+        q_valid: Optional[Tensor] = None,
+        k_valid: Optional[Tensor] = None,
+    ):
+        """:meth:`compose_biases`, cached at inference.
+
+        Composing the biases (bilinear resizes of the 7 × 7 tables, row/column sums) costs as much as
+        a small attention; with autograd off the result depends only on the grids and on the
+        parameter values, so it is kept for the last grid and recomputed when a parameter changes
+        (its version counter, storage, dtype or device).  Training, ``torch.compile`` tracing and
+        per-sample (masked) biases always recompose.
+        """
+        if (not self.has_agent_bias or torch.is_grad_enabled() or q_valid is not None or k_valid is not None
+                or torch.compiler.is_compiling()):
+            return self.compose_biases(query_hw, key_hw, n_q, n_k, q_valid, k_valid)
+        params = list(self.parameters(recurse=False))
+        try:
+            versions = tuple(p._version for p in params)
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return self.compose_biases(query_hw, key_hw, n_q, n_k)
+        key = (query_hw, key_hw, n_q, n_k, self._agent_grid(), versions,
+               tuple((p.data_ptr(), p.dtype, p.device) for p in params))
+        cache = self.__dict__.setdefault("_bias_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = self.compose_biases(query_hw, key_hw, n_q, n_k)
+        return cache[key]
+
+    def compose_biases(
         self,
         query_hw: Optional[HW],
         key_hw: Optional[HW],
@@ -465,10 +514,10 @@ class AgentAttention(nn.Module):
             vp = v[:, P:]
             if valid is not None:
                 vp = vp * valid[..., None].to(vp.dtype)
-            if qhw is not None:
-                vp = vp.transpose(1, 2).reshape(B, C, *qhw)
+            conv = getattr(self, self.dwc_name)
+            if qhw is not None:  # channels-last in and out: no transposing copies around the conv
+                local = _grid_tokens(conv(_channels_last_grid(vp, qhw)))
             else:
-                vp = vp.transpose(1, 2)
-            local = getattr(self, self.dwc_name)(vp).flatten(2).transpose(1, 2)
+                local = conv(vp.transpose(1, 2)).transpose(1, 2)
             out = out + local if P == 0 else torch.cat([out[:, :P], out[:, P:] + local], dim=1)
         return out

@@ -8,6 +8,8 @@ events of ``torch.profiler(profile_memory=True)`` replayed in time order on CPU.
 """
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import datetime
 import json
@@ -303,3 +305,13 @@ def write_outputs(out_dir: Path, stem: str, markdown: str, data: dict) -> List[P
         os.replace(tmp, path)
         written.append(path)
     return written
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Optional[Sequence[str]]) -> int:
+    """Parse ``argv`` and call ``run(args)``; a ``ValueError`` (a bad combination of options) becomes a
+    usage error that names the problem (exit status 2) instead of a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        parser.error(str(e))

@@ -108,8 +108,8 @@ def measure_size(names: Sequence[str], size: int, args, device: torch.device, lo
         if "softmax" in models:
             fns["softmax"] = _forward(models["softmax"], x, contextlib.nullcontext, dtype)
         with torch.inference_mode():
-            if args.compile and "compiled" in fns:
-                fns["compiled"]()  # compile outside the measurements
+            for fn in fns.values():  # warm-up: compilation, oneDNN primitives, the models' bias caches
+                fn()
             memory = {v: common.peak_memory(fn, device) for v, fn in fns.items()}
             timings = common.time_round_robin(fns, device, repeats=args.repeats, max_s_per_fn=args.max_seconds,
                                               warmed=True)
@@ -245,12 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _main(args)
-    except ValueError as e:
-        parser.error(str(e))
+    return common.run_cli(build_parser(), _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -251,12 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _main(args)
-    except ValueError as e:
-        parser.error(str(e))
+    return common.run_cli(build_parser(), _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -92,10 +92,19 @@ def destination_partition(
     return is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)
 
 
-def _scatter_mean(x: Tensor, slot: Tensor, rows: int) -> Tensor:
-    B, _, C = x.shape
-    out = x.new_zeros(B, rows, C)
-    return out.scatter_reduce(1, slot[..., None].expand(-1, -1, C), x, reduce="mean", include_self=False)
+def _flat_rows(slot: Tensor, rows: int) -> Tensor:
+    """``slot`` (B, N) as indices into the batch-flattened ``(B·rows)`` merged rows."""
+    offsets = torch.arange(slot.shape[0], device=slot.device)[:, None] * rows
+    return (slot + offsets).reshape(-1)
+
+
+def _merge_rows(x: Tensor, flat: Tensor, counts: Tensor, rows: int) -> Tensor:
+    """Mean of the tokens of ``x`` (B, N, C) that share a row: one ``index_add_`` over the flattened
+    batch (a row-wise vectorised add, far faster on CPU than ``scatter_reduce``), then a division by
+    the row sizes."""
+    B, N, C = x.shape
+    out = x.new_zeros(B * rows, C).index_add_(0, flat, x.reshape(B * N, C))
+    return (out / counts.to(out.dtype)).view(B, rows, C)
 
 
 @dataclass
@@ -112,6 +121,18 @@ class TokenMatch:
     num_agents: Optional[int] = None
     agent_slot: Optional[Tensor] = None
 
+    def __post_init__(self) -> None:
+        self._cache: dict = {}
+
+    def _index(self, which: str) -> Tuple[Tensor, Tensor]:
+        """Flattened row indices and row sizes of ``slot``/``agent_slot`` (computed once)."""
+        if which not in self._cache:
+            slot, rows = (self.slot, self.num_merged) if which == "slot" else (self.agent_slot, self.num_agents)
+            flat = _flat_rows(slot, rows)
+            counts = torch.bincount(flat, minlength=slot.shape[0] * rows)[:, None]
+            self._cache[which] = (flat, counts)
+        return self._cache[which]
+
     @property
     def has_agents(self) -> bool:
         return self.agent_slot is not None
@@ -125,19 +146,25 @@ class TokenMatch:
     def merge(self, x: Tensor) -> Tensor:
         """``(B, N, C) -> (B, N - r, C)``: merged sources averaged into their destination."""
         self._check(x, self.num_tokens, "merge")
-        return x if self.slot is None else _scatter_mean(x, self.slot, self.num_merged)
+        if self.slot is None:
+            return x
+        return _merge_rows(x, *self._index("slot"), self.num_merged)
 
     def agents(self, x: Tensor) -> Optional[Tensor]:
         """``(B, N, C) -> (B, N - agent_r, C)`` agent tokens, or ``None`` when the matching has none."""
         self._check(x, self.num_tokens, "agents")
-        return None if self.agent_slot is None else _scatter_mean(x, self.agent_slot, self.num_agents)
+        if self.agent_slot is None:
+            return None
+        return _merge_rows(x, *self._index("agent_slot"), self.num_agents)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """``(B, N - r, C) -> (B, N, C)``: every token takes the output of the row it was merged into."""
         self._check(y, self.num_merged, "unmerge")
         if self.slot is None:
             return y
-        return y.gather(1, self.slot[..., None].expand(-1, -1, y.shape[-1]))
+        B, _, C = y.shape
+        flat, _ = self._index("slot")
+        return y.reshape(B * self.num_merged, C).index_select(0, flat).view(B, self.num_tokens, C)
 
 
 def _slots(order: Tensor, partner: Tensor, src: Tensor, dst: Tensor, r: int, n: int) -> Tensor:

@@ -1,27 +1,32 @@
-"""Helpers shared by the Agent-Swin and Agent-CSWin model files.
+"""Helpers shared by the four model families (Agent-DeiT, -PVT, -Swin, -CSWin).
 
-Config parsing (``agent_num``, ``attn_type``), window partition with padding, the official
-LayerNorm, and the pieces of ``checkpoint_filter_fn`` that both families need.
+Config parsing (``agent_num``, ``attn_type``, norm layer), position-embedding and
+agent-bias resizing for run time and for ``checkpoint_filter_fn``, the timm classifier / feature
+plumbing (:class:`ClassifierMixin`, :class:`HierarchicalMixin`, block runner with activation
+checkpointing) and model registration (cfgs, ``build_model_with_cfg``).
 """
 from __future__ import annotations
 
 import math
 import re
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import resize_1d
 
 HW = Tuple[int, int]
+AgentNum = Union[int, str, Sequence[Union[int, str]]]
 
 #: agent-bias parameters whose spatial axis follows the construction grid: name -> resized dim
 AGENT_BIAS_AXES = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
 
 
+# ---------------------------------------------------------------- config parsing
 def resolve_norm_layer(norm_layer) -> Callable[..., nn.Module]:
     """``None`` / ``"LayerNorm"`` (as the manifests spell it) -> ``nn.LayerNorm`` with eps 1e-5."""
     if norm_layer is None or (isinstance(norm_layer, str) and norm_layer.lower() in ("layernorm", "ln")):
@@ -29,19 +34,6 @@ def resolve_norm_layer(norm_layer) -> Callable[..., nn.Module]:
     if isinstance(norm_layer, str):
         raise ValueError(f"unknown norm_layer {norm_layer!r}; pass 'LayerNorm' or a callable")
     return norm_layer
-
-
-def img_size_2d(img_size) -> HW:
-    """``224`` or ``(224, 160)`` -> ``(H, W)``."""
-    if isinstance(img_size, int):
-        img_size = (img_size, img_size)
-    try:
-        H, W = (int(s) for s in img_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"img_size must be an int or a pair (H, W), got {img_size!r}") from None
-    if H <= 0 or W <= 0:
-        raise ValueError(f"img_size must be positive, got {(H, W)}")
-    return H, W
 
 
 def parse_int_list(value, num: int, what: str) -> List[int]:
@@ -56,6 +48,23 @@ def parse_int_list(value, num: int, what: str) -> List[int]:
         raise ValueError(f"{what} must be an int or {num} ints, got {value!r}") from None
     if len(out) != num or any(v <= 0 for v in out):
         raise ValueError(f"{what} must have {num} positive entries (one per stage), got {value!r}")
+    return out
+
+
+def parse_agent_num(agent_num: AgentNum) -> List[int]:
+    """Agent counts as a list of ints from an int, ``"9-16-49-49"``, or a list of ints/strings."""
+    if isinstance(agent_num, str):
+        items: Sequence = agent_num.split("-")
+    elif isinstance(agent_num, int):
+        items = [agent_num]
+    else:
+        items = list(agent_num)
+    try:
+        out = [int(a) for a in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"agent_num must be an int or a list of ints, got {agent_num!r}") from None
+    if not out or any(a <= 0 for a in out):
+        raise ValueError(f"agent_num must be positive, got {agent_num!r}")
     return out
 
 
@@ -85,67 +94,65 @@ def parse_attn_type(attn_type: str, depths: Sequence[int]) -> List[List[bool]]:
     return plan
 
 
-def pad_hw(x: Tensor, mult: HW) -> Tensor:
-    """Zero-pad ``x (B, H, W, C)`` at the bottom/right to multiples of ``mult``."""
-    H, W = x.shape[1:3]
-    ph, pw = (-H) % mult[0], (-W) % mult[1]
-    if ph or pw:
-        x = F.pad(x, (0, 0, 0, pw, 0, ph))
-    return x
+# ---------------------------------------------------------------- resizing (run time and checkpoints)
+def resize_pos_embed(pos: Tensor, old_hw: HW, new_hw: HW, num_prefix: int = 0, mode: str = "bicubic") -> Tensor:
+    """Resize a ``(1, P + H·W, C)`` position embedding from grid ``old_hw`` to ``new_hw``.
 
-
-def window_partition(x: Tensor, window: HW) -> Tensor:
-    """``(B, H, W, C)`` -> ``(B·nW, wh·ww, C)``; windows by (row-block, col-block), tokens row-major."""
-    B, H, W, C = x.shape
-    wh, ww = window
-    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh * ww, C)
-
-
-def window_reverse(windows: Tensor, window: HW, hw: HW) -> Tensor:
-    """Inverse of :func:`window_partition`: ``(B·nW, wh·ww, C)`` -> ``(B, H, W, C)``."""
-    wh, ww = window
-    H, W = hw
-    C = windows.shape[-1]
-    x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, H, W, C)
-
-
-def unwrap_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Take the weights out of a training checkpoint and strip DDP's ``module.`` prefix.
-
-    Accepts the dicts written by the official scripts (``model``, ``model_ema``, ``state_dict_ema``,
-    ``state_dict``) or a bare state dict.
+    Prefix tokens are kept. Identity (the same tensor) when the grids are equal. The dtype is kept
+    (float64 models stay float64). ``mode``: ``"bicubic"`` (timm / official fine-tuning) or
+    ``"bilinear"`` (the official PVT run-time resize).
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"checkpoint must be a dict of tensors, got {type(state_dict).__name__}")
-    for key in ("model", "model_ema", "state_dict_ema", "state_dict"):
-        inner = state_dict.get(key)
-        if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-            state_dict = inner
-            break
-    out = {}
-    for k, v in state_dict.items():
-        if not isinstance(v, Tensor):
-            continue
-        out[k[len("module."):] if k.startswith("module.") else k] = v
-    return out
+    old_hw, new_hw = tuple(old_hw), tuple(new_hw)
+    if old_hw == new_hw:
+        return pos
+    if pos.shape[1] != num_prefix + old_hw[0] * old_hw[1]:
+        raise ValueError(f"pos_embed has {pos.shape[1]} tokens, expected {num_prefix} + {old_hw[0]}x{old_hw[1]}")
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    C = grid.shape[-1]
+    grid = grid.reshape(1, *old_hw, C).permute(0, 3, 1, 2)
+    extra = dict(antialias=True) if mode == "bicubic" else {}
+    grid = F.interpolate(grid, size=new_hw, mode=mode, align_corners=False, **extra)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], C)
+    return torch.cat([prefix, grid], dim=1) if num_prefix else grid
 
 
-def resize_agent_bias(key: str, value: Tensor, target: Tensor) -> Tensor:
+def infer_square_grid(n: int, what: str) -> HW:
+    s = math.isqrt(n)
+    if s * s != n:
+        raise ValueError(f"cannot infer the grid of {what}: {n} tokens is not a square; resize it yourself")
+    return s, s
+
+
+def resize_agent_bias(key: str, value: Tensor, target: Tensor, *, strict: bool = False) -> Tensor:
     """Resize a checkpoint's row/column agent bias (``ah/aw/ha/wa_bias``) to the model's grid.
 
-    Linear interpolation along the spatial axis (as the official fine-tuning loader); other
-    shape mismatches are returned unchanged so that ``load_state_dict`` reports them.
+    Linear interpolation along the spatial axis (as the official fine-tuning loader), computed in
+    at least float32 and returned in ``value``'s dtype. Other entries are returned unchanged, and
+    so are other shape mismatches (``load_state_dict`` reports them) unless ``strict``, which
+    raises a ValueError for them.
     """
     leaf = key.rsplit(".", 1)[-1]
     dim = AGENT_BIAS_AXES.get(leaf)
     if dim is None or value.shape == target.shape or value.dim() != target.dim():
         return value
-    same_elsewhere = all(a == b for i, (a, b) in enumerate(zip(value.shape, target.shape)) if i != dim)
-    if not same_elsewhere:
+    if any(a != b for i, (a, b) in enumerate(zip(value.shape, target.shape)) if i != dim):
+        if strict:
+            raise ValueError(
+                f"incompatible checkpoint: {key} has shape {tuple(value.shape)}, model {tuple(target.shape)}"
+            )
         return value
-    return resize_1d(value.float(), target.shape[dim], dim=dim).to(value.dtype)
+    work = value.to(torch.promote_types(value.dtype, torch.float32))
+    return resize_1d(work, target.shape[dim], dim=dim).to(value.dtype)
+
+
+def resize_agent_bias_tables(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+    """Resize the row/column agent biases of ``state_dict`` (in place) to ``model``'s shapes with
+    :func:`resize_agent_bias`; a mismatch along another axis raises a ValueError."""
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if k in own:
+            state_dict[k] = resize_agent_bias(k, v, own[k], strict=True)
+    return state_dict
 
 
 def resize_rel_pos_table(value: Tensor, target_shape: torch.Size) -> Tensor:
@@ -160,6 +167,7 @@ def resize_rel_pos_table(value: Tensor, target_shape: torch.Size) -> Tensor:
     return t.reshape(-1, s1 * s1).t().contiguous().to(value.dtype)
 
 
+# ---------------------------------------------------------------- forward plumbing
 def take_indices(num: int, indices) -> Tuple[List[int], int]:
     """timm's ``feature_take_indices`` with a ValueError instead of an assert."""
     from timm.models._features import feature_take_indices
@@ -168,6 +176,16 @@ def take_indices(num: int, indices) -> Tuple[List[int], int]:
         return feature_take_indices(num, indices)
     except (AssertionError, RuntimeError) as e:
         raise ValueError(f"invalid feature indices {indices!r} for {num} stages: {e}") from None
+
+
+def check_output_fmt(output_fmt: str, allowed: Sequence[str]) -> None:
+    if output_fmt not in allowed:
+        raise ValueError(f"output_fmt must be {' or '.join(map(repr, allowed))}, got {output_fmt!r}")
+
+
+def merged_hw(hw: HW) -> HW:
+    """Grid after a stride-2 merge of an ``hw`` map (odd sizes padded): ``(ceil(H/2), ceil(W/2))``."""
+    return (hw[0] + 1) // 2, (hw[1] + 1) // 2
 
 
 def to_nchw(x: Tensor, hw: HW) -> Tensor:
@@ -182,85 +200,74 @@ def check_image(x: Tensor, in_chans: int, name: str) -> None:
         raise ValueError(f"{name}: expected an image batch (B, {in_chans}, H, W), got {tuple(x.shape)}")
 
 
+def run_blocks(blocks: Iterable[nn.Module], x: Tensor, hw: HW, checkpointing: bool = False) -> Tensor:
+    """``x = blk(x, hw)`` for each block, through activation checkpointing when ``checkpointing`` is
+    set and gradients are being recorded."""
+    use = checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+    for blk in blocks:
+        x = checkpoint(blk, x, hw, use_reentrant=False) if use else blk(x, hw)
+    return x
 
 
-# ---------------------------------------------------------------- Swin window geometry
-def relative_position_index(window: HW, table_window: int) -> Tensor:
-    """Index ``(wh·ww, wh·ww)`` into a ``((2s-1)², h)`` relative position table (``s = table_window``)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)
-    return rel[..., 0] * (2 * table_window - 1) + rel[..., 1]
+# ---------------------------------------------------------------- classifier plumbing
+def init_linear_norm(m: nn.Module) -> None:
+    """Official init: Linear trunc_normal(0.02) / zero bias, LayerNorm 1 / 0."""
+    from timm.layers import trunc_normal_
+
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
-def _pad_flags(hw: HW, padded: HW, shift: HW, device, dtype) -> Tensor:
-    """``(1, Hp, Wp, 1)``: 1 on the padding of an ``hw`` map, in the frame rolled by ``-shift``."""
-    m = torch.ones(1, *padded, 1, dtype=dtype, device=device)
-    m[:, : hw[0], : hw[1]] = 0
-    return torch.roll(m, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+def check_pool(global_pool: str, allowed: Sequence[str] = ("avg", "")) -> str:
+    if global_pool not in allowed:
+        raise ValueError(f"global_pool must be {' or '.join(map(repr, allowed))}, got {global_pool!r}")
+    return global_pool
 
 
-def shifted_window_mask(hw: HW, padded: HW, window: HW, shift: HW, device=None) -> Optional[Tensor]:
-    """Additive mask ``(nW, N, N)`` (0 / -100) of the shifted-window scheme, or ``None`` if not needed.
-
-    Tokens of different regions of the rolled map (standard Swin labelling) may not attend to each
-    other, and no token attends to the padding added at the bottom/right of an ``hw`` map.
-    """
-    if not any(shift) and tuple(hw) == tuple(padded):
-        return None
-    label = torch.zeros(1, *padded, 1, device=device)
-
-    def slices(w, s):
-        return (slice(0, -w), slice(-w, -s), slice(-s, None)) if s else (slice(None),)
-
-    cnt = 0
-    for hs in slices(window[0], shift[0]):
-        for ws in slices(window[1], shift[1]):
-            label[:, hs, ws, :] = cnt
-            cnt += 1
-    if tuple(hw) != tuple(padded):
-        label = label * 2 + _pad_flags(hw, padded, shift, device, label.dtype)
-    m = window_partition(label, window).squeeze(-1)
-    m = m.unsqueeze(1) - m.unsqueeze(2)
-    return m.masked_fill(m != 0, float(-100.0)).masked_fill(m == 0, float(0.0))
-
-
-def window_padding_mask(hw: HW, padded: HW, window: HW, shift: HW = (0, 0), device=None) -> Optional[Tensor]:
-    """Bool ``(nW, wh·ww)``: ``True`` on padded tokens of each window (rolled by ``-shift``), or ``None``."""
-    if tuple(hw) == tuple(padded):
-        return None
-    return window_partition(_pad_flags(hw, padded, shift, device, torch.bool), window)[..., 0]
-
-
-# ---------------------------------------------------------------- shared classifier plumbing
 class ClassifierMixin:
-    """timm classifier API shared by both families (``norm`` -> mean over H, W -> ``head``)."""
+    """timm classifier API shared by the families: ``head`` on ``num_features``, ``forward``.
+
+    ``global_pools`` lists the accepted ``global_pool`` values; ``forward_head`` and
+    ``forward_features`` come from the family (or :class:`HierarchicalMixin`).
+    """
 
     num_features: int
     num_classes: int
     global_pool: str
+    global_pools: Tuple[str, ...] = ("avg", "")
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        """Official init: Linear trunc_normal(0.02) / zero bias, LayerNorm 1 / 0."""
-        from timm.layers import trunc_normal_
-
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = check_pool(global_pool)
+            self.global_pool = check_pool(global_pool, self.global_pools)
+        self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class HierarchicalMixin(ClassifierMixin):
+    """Swin / CSWin: a stem, then stages each opened by an optional merge (``output_hw``), a final
+    ``norm`` and NHWC features.
+
+    The family provides ``_embed(x) -> (tokens, hw)`` and ``_merge_stage_pairs()``: per stage, the
+    merge that opens it (or ``None``) and a function running its blocks.
+    """
+
+    norm: nn.Module
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """NHWC features -> pooled features (``pre_logits``) or logits."""
@@ -268,16 +275,42 @@ class ClassifierMixin:
             x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs before each merge (dims C, 2C, 4C, 8C at strides 4..32), timm style."""
+        check_output_fmt(output_fmt, ("NCHW", "NHWC"))
+        stages = self._merge_stage_pairs()
+        last = len(stages) - 1
+        take, max_index = take_indices(len(stages), indices)
+        if stop_early:
+            stages = stages[: max_index + 1]
+        x, hw = self._embed(x)
+        intermediates = []
+        for i, (merge, run) in enumerate(stages):
+            if merge is not None:
+                x, hw = merge(x, hw), merge.output_hw(hw)
+            x = run(x, hw)
+            if i in take:
+                y = to_nchw(self.norm(x) if norm and i == last else x, hw)
+                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x) if len(stages) == last + 1 else x
+        return x.view(x.shape[0], hw[0], hw[1], -1), intermediates
+
+    def _prune_tail(self, max_index: int, num_stages: int, prune_norm: bool, prune_head: bool) -> bool:
+        """After the stages past ``max_index`` are removed: features, norm and head; True if any was."""
+        prune_end = max_index < num_stages - 1
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return prune_end
 
 
-def check_pool(global_pool: str) -> str:
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    return global_pool
-
-
+# ---------------------------------------------------------------- registration
 def default_cfg(first_conv: str, size: int = 224, crop_pct: float = 0.875) -> dict:
     """timm pretrained cfg of a released model (ImageNet-1k, bicubic, ImageNet mean/std)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -287,10 +320,23 @@ def default_cfg(first_conv: str, size: int = 224, crop_pct: float = 0.875) -> di
             "first_conv": first_conv, "classifier": "head", "paper_ids": "arXiv:2312.08874"}
 
 
-def build(model_cls, variant: str, pretrained: bool, filter_fn, **kwargs):
+def check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """``pretrained=True`` needs a local source (no download URLs exist): raise instead of timm's
+    silent fallback to random weights."""
+    if not pretrained:
+        return
+    cfgs = [kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")]
+    get = lambda c, k: c.get(k) if isinstance(c, dict) else getattr(c, k, None)  # noqa: E731
+    if not any(c is not None and get(c, k) for c in cfgs for k in ("file", "url", "hf_hub_id", "state_dict")):
+        raise ValueError(
+            f"{variant}: the released weights cannot be downloaded automatically; load a local file with "
+            "agent_attention.models.create_model(name, checkpoint_path=...) or pretrained_cfg_overlay=dict(file=...)"
+        )
+
+
+def build(model_cls, variant: str, pretrained: bool, filter_fn, out_indices=(0, 1, 2, 3), **kwargs):
     """``build_model_with_cfg`` with the checkpoint filter and a ``getter`` feature wrapper."""
     from timm.models import build_model_with_cfg
 
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
                                 feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)

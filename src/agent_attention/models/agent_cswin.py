@@ -11,19 +11,21 @@ split size (padded keys masked, zero padding for ``get_v`` as at a stripe border
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as ckpt
 from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ..layers import AgentAttention
-from ._common import (HW, ClassifierMixin, build, check_image, check_pool, default_cfg, img_size_2d, pad_hw,
-                      parse_attn_type, parse_int_list, resize_agent_bias, resolve_norm_layer, take_indices, to_nchw,
-                      unwrap_state_dict, window_padding_mask, window_partition, window_reverse)
+from ..layers import AgentAttention, to_2tuple_hw
+from ._common import (HW, HierarchicalMixin, build, check_image, check_pool, default_cfg, init_linear_norm,
+                      merged_hw, parse_attn_type, parse_int_list, resize_agent_bias, resolve_norm_layer,
+                      run_blocks, take_indices, to_nchw)
+from ._safe_load import unwrap_state_dict
+from ._windows import pad_hw, window_padding_mask, window_partition, window_reverse
 from .registry import ALIASES, register_alias
 
 __all__ = ["AgentCSWinTransformer", "LePEAttention", "CSWinAgentAttention", "CSWinBlock", "checkpoint_filter_fn"]
@@ -161,14 +163,12 @@ class CSWinBlock(nn.Module):
 class MergeBlock(nn.Module):
     """Conv 3x3 stride 2 + LayerNorm between stages; tokens in, tokens out."""
 
+    output_hw = staticmethod(merged_hw)  # grid after this merge
+
     def __init__(self, dim: int, dim_out: int, norm_layer=nn.LayerNorm):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim_out, 3, 2, 1)
         self.norm = norm_layer(dim_out)
-
-    @staticmethod
-    def output_hw(hw: HW) -> HW:
-        return (hw[0] + 1) // 2, (hw[1] + 1) // 2
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
         return self.norm(self.conv(to_nchw(x, hw)).flatten(2).transpose(1, 2))
@@ -181,7 +181,7 @@ class _ToTokens(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class AgentCSWinTransformer(ClassifierMixin, nn.Module):
+class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
     """Agent-CSWin classifier; defaults are Agent-CSWin-T at 224.
 
     ``split_size``: stripe width of ``'B'`` stages; ``la_split_size`` (str ``'56-28-14-7'`` or list):
@@ -209,7 +209,7 @@ class AgentCSWinTransformer(ClassifierMixin, nn.Module):
         agent_nums = parse_int_list(agent_num, n, "agent_num")
         splits = parse_int_list(split_size, n, "split_size")
         plan = parse_attn_type(attn_type, depth)
-        H, W = img_size_2d(img_size)
+        H, W = to_2tuple_hw(img_size, "img_size")
         res = [((H - 3) // 4 + 1, (W - 3) // 4 + 1)]  # the stem conv (k7, s4, p2)
         for _ in range(n - 1):
             res.append(MergeBlock.output_hw(res[-1]))
@@ -236,7 +236,7 @@ class AgentCSWinTransformer(ClassifierMixin, nn.Module):
         self.num_stages = n
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_linear_norm)
 
     # ------------------------------------------------------------------ timm API
     @torch.jit.ignore
@@ -255,7 +255,7 @@ class AgentCSWinTransformer(ClassifierMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.use_chk = enable
 
-    def _stem(self, x: Tensor) -> Tuple[Tensor, HW]:
+    def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
         check_image(x, self.in_chans, type(self).__name__)
         if x.shape[2] < 3 or x.shape[3] < 3:
             raise ValueError(f"AgentCSWinTransformer: input must be at least 3x3, got {tuple(x.shape[2:])}")
@@ -272,46 +272,21 @@ class AgentCSWinTransformer(ClassifierMixin, nn.Module):
             yield merge, blocks
 
     def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, hw: HW) -> Tensor:
-        for blk in blocks:
-            if self.use_chk and x.requires_grad and not torch.jit.is_scripting():
-                x = ckpt.checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-        return x
+        return run_blocks(blocks, x, hw, self.use_chk)
+
+    def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
+        """Per stage: its opening merge (``None`` for the first) and its blocks."""
+        return [(merge, partial(self._run_blocks, blocks)) for merge, blocks in self._stages()]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Final-normed features ``(B, H/32, W/32, C)`` (NHWC)."""
-        x, hw = self._stem(x)
+        x, hw = self._embed(x)
         for merge, blocks in self._stages():
             if merge is not None:
                 x, hw = merge(x, hw), merge.output_hw(hw)
             x = self._run_blocks(blocks, x, hw)
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
-
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs (dims C, 2C, 4C, 8C at strides 4..32), timm style."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        stages = list(self._stages())
-        take, max_index = take_indices(len(stages), indices)
-        if stop_early:
-            stages = stages[: max_index + 1]
-        x, hw = self._stem(x)
-        intermediates = []
-        last = self.num_stages - 1
-        for i, (merge, blocks) in enumerate(stages):
-            if merge is not None:
-                x, hw = merge(x, hw), merge.output_hw(hw)
-            x = self._run_blocks(blocks, x, hw)
-            if i in take:
-                y = to_nchw(self.norm(x) if norm and i == last else x, hw)
-                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        x = self.norm(x) if len(stages) == last + 1 else x
-        return x.view(x.shape[0], hw[0], hw[1], -1), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -320,13 +295,7 @@ class AgentCSWinTransformer(ClassifierMixin, nn.Module):
             for name in (f"merge{i}", f"stage{i + 1}"):
                 if hasattr(self, name):
                     delattr(self, name)
-        prune_end = max_index < self.num_stages - 1
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
+        self._prune_tail(max_index, self.num_stages, prune_norm, prune_head)
         return take
 
 

@@ -11,19 +11,19 @@ Registered with timm: ``agent_deit_tiny``, ``agent_deit_small``, ``agent_deit_sm
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import AgentAttention, resize_1d, to_2tuple_hw
+from ..layers import AgentAttention, to_2tuple_hw
+from ._common import (HW, AgentNum, ClassifierMixin, build, check_output_fmt, check_pool, check_weight_source,
+                      infer_square_grid, init_linear_norm, parse_agent_num, resize_agent_bias_tables, resize_pos_embed,
+                      run_blocks, take_indices, to_nchw)
+from ._safe_load import unwrap_state_dict
 from .registry import ALIASES, register_alias
 
 __all__ = [
@@ -31,30 +31,11 @@ __all__ = [
     "unwrap_state_dict", "resize_pos_embed", "resize_agent_bias_tables", "infer_square_grid", "check_weight_source",
 ]
 
-HW = Tuple[int, int]
 # official rule: block i uses agent_num[_PAIR_TO_ENTRY[i // 2]] (blocks 0-1 -> 0, 2-3 -> 1, 4-9 -> 2, 10-11 -> 3)
 _PAIR_TO_ENTRY = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
-AgentNum = Union[int, str, Sequence[Union[int, str]]]
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def parse_agent_num(agent_num: AgentNum) -> List[int]:
-    """Agent counts as a list of ints from an int, ``"9-16-49-49"``, or a list of ints/strings."""
-    if isinstance(agent_num, str):
-        items: Sequence = agent_num.split("-")
-    elif isinstance(agent_num, int):
-        items = [agent_num]
-    else:
-        items = list(agent_num)
-    try:
-        out = [int(a) for a in items]
-    except (TypeError, ValueError):
-        raise ValueError(f"agent_num must be an int or a list of ints, got {agent_num!r}") from None
-    if not out or any(a <= 0 for a in out):
-        raise ValueError(f"agent_num must be positive, got {agent_num!r}")
-    return out
-
-
 def deit_agent_num(agent_num: AgentNum, block: int) -> int:
     """Agent count of DeiT block ``block`` under the official per-pair table.
 
@@ -68,70 +49,6 @@ def deit_agent_num(agent_num: AgentNum, block: int) -> int:
     if entry >= len(counts):
         raise ValueError(f"agent_num {counts} has no entry {entry} needed by block {block} (official rule needs 4)")
     return counts[entry]
-
-
-def unwrap_state_dict(state_dict: Dict) -> Dict[str, Tensor]:
-    """The model weights of a training checkpoint: unwrap ``model``/``model_ema``/``state_dict_ema``/
-    ``state_dict`` and strip ``module.`` prefixes (DDP / ModelEma)."""
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"checkpoint must be a dict, got {type(state_dict).__name__}")
-    for key in ("model", "model_ema", "state_dict_ema", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith("module."):
-            k = k[len("module."):]
-        out[k] = v
-    return out
-
-
-def resize_pos_embed(pos: Tensor, old_hw: HW, new_hw: HW, num_prefix: int = 0, mode: str = "bicubic") -> Tensor:
-    """Resize a ``(1, P + H·W, C)`` position embedding from grid ``old_hw`` to ``new_hw``.
-
-    Prefix tokens are kept. Identity (the same tensor) when the grids are equal. The dtype is kept
-    (float64 models stay float64). ``mode``: ``"bicubic"`` (timm / official fine-tuning) or
-    ``"bilinear"`` (the official PVT run-time resize).
-    """
-    old_hw, new_hw = tuple(old_hw), tuple(new_hw)
-    if old_hw == new_hw:
-        return pos
-    if pos.shape[1] != num_prefix + old_hw[0] * old_hw[1]:
-        raise ValueError(f"pos_embed has {pos.shape[1]} tokens, expected {num_prefix} + {old_hw[0]}x{old_hw[1]}")
-    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
-    C = grid.shape[-1]
-    grid = grid.reshape(1, *old_hw, C).permute(0, 3, 1, 2)
-    extra = dict(antialias=True) if mode == "bicubic" else {}
-    grid = F.interpolate(grid, size=new_hw, mode=mode, align_corners=False, **extra)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], C)
-    return torch.cat([prefix, grid], dim=1) if num_prefix else grid
-
-
-def infer_square_grid(n: int, what: str) -> HW:
-    s = math.isqrt(n)
-    if s * s != n:
-        raise ValueError(f"cannot infer the grid of {what}: {n} tokens is not a square; resize it yourself")
-    return s, s
-
-
-_AXIS_OF_BIAS = {"ah_bias": 3, "aw_bias": 4, "ha_bias": 2, "wa_bias": 3}
-
-
-def resize_agent_bias_tables(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """Resize the row/column agent biases (``ah/aw/ha/wa_bias``) of ``state_dict`` to the model's
-    shapes along their spatial axis, linearly (as the official fine-tuning loader does)."""
-    own = model.state_dict()
-    for k, v in state_dict.items():
-        leaf = k.rsplit(".", 1)[-1]
-        if leaf in _AXIS_OF_BIAS and k in own and own[k].shape != v.shape and own[k].dim() == v.dim():
-            ax = _AXIS_OF_BIAS[leaf]
-            if own[k].shape[:ax] + own[k].shape[ax + 1:] != v.shape[:ax] + v.shape[ax + 1:]:
-                raise ValueError(
-                    f"incompatible checkpoint: {k} has shape {tuple(v.shape)}, model {tuple(own[k].shape)}"
-                )
-            state_dict[k] = resize_1d(v, own[k].shape[ax], dim=ax)
-    return state_dict
 
 
 # ----------------------------------------------------------------------------------------- blocks
@@ -161,7 +78,7 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ model
-class AgentVisionTransformer(nn.Module):
+class AgentVisionTransformer(ClassifierMixin, nn.Module):
     """Agent-DeiT (official ``VisionTransformer`` of Agent Attention) as a timm model.
 
     Args:
@@ -174,14 +91,15 @@ class AgentVisionTransformer(nn.Module):
         drop_rate, attn_drop_rate, drop_path_rate: dropout / stochastic depth (linear over blocks).
     """
 
+    global_pools = ("token", "avg")
+
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, agent_num: AgentNum = 49,
                  agent_layer: Optional[int] = -1, norm_eps: float = 1e-6):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        check_pool(global_pool, self.global_pools)
         if depth <= 0 or embed_dim <= 0 or embed_dim % num_heads:
             raise ValueError(f"invalid depth {depth} / embed_dim {embed_dim} / num_heads {num_heads}")
         agent_layer = depth if agent_layer is None or agent_layer == -1 else int(agent_layer)
@@ -222,13 +140,7 @@ class AgentVisionTransformer(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_linear_norm(m)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -237,22 +149,6 @@ class AgentVisionTransformer(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ------------------------------------------------------------------------------------- forward
     def grid_size(self, img_hw: Sequence[int]) -> HW:
@@ -272,43 +168,32 @@ class AgentVisionTransformer(nn.Module):
         x = x + resize_pos_embed(self.pos_embed, self.grid, hw, num_prefix=1, mode="bicubic")
         return self.pos_drop(x), hw
 
-    def _run_block(self, blk: Block, x: Tensor, hw: HW) -> Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            return checkpoint(blk, x, hw, use_reentrant=False)
-        return blk(x, hw)
-
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens ``(B, 1 + H·W, C)`` (class token first)."""
         x, hw = self._embed(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x, hw)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, hw, self.grad_checkpointing))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
         """timm-style intermediate block outputs (NCHW maps or NLC tokens of the patch grid)."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        x, (H, W) = self._embed(x)
+        check_output_fmt(output_fmt, ("NCHW", "NLC"))
+        take, max_index = take_indices(len(self.blocks), indices)
+        x, hw = self._embed(x)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         outs = []
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x, (H, W))
+            x = run_blocks((blk,), x, hw, self.grad_checkpointing)
             if i in take:
                 outs.append(self.norm(x) if norm else x)
         prefix = [y[:, :1] for y in outs]
         outs = [y[:, 1:] for y in outs]
         if output_fmt == "NCHW":
-            outs = [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in outs]
+            outs = [to_nchw(y, hw) for y in outs]
         if return_prefix_tokens:
             outs = list(zip(outs, prefix))
         if intermediates_only:
@@ -317,7 +202,7 @@ class AgentVisionTransformer(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take, max_index = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
@@ -360,27 +245,9 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """``pretrained=True`` needs a local source (no download URLs exist): raise instead of timm's
-    silent fallback to random weights."""
-    if not pretrained:
-        return
-    cfgs = [kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")]
-    get = lambda c, k: c.get(k) if isinstance(c, dict) else getattr(c, k, None)  # noqa: E731
-    if not any(c is not None and get(c, k) for c in cfgs for k in ("file", "url", "hf_hub_id", "state_dict")):
-        raise ValueError(
-            f"{variant}: the released weights cannot be downloaded automatically; load a local file with "
-            "agent_attention.models.create_model(name, checkpoint_path=...) or pretrained_cfg_overlay=dict(file=...)"
-        )
-
-
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     check_weight_source(variant, pretrained, kwargs)
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        AgentVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
-    )
+    return build(AgentVisionTransformer, variant, pretrained, checkpoint_filter_fn, **{"out_indices": 3, **kwargs})
 
 
 def _variant(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentVisionTransformer:

@@ -18,19 +18,17 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import AgentAttention, to_2tuple_hw
-from .agent_deit import (AgentNum, infer_square_grid, check_weight_source, parse_agent_num, resize_agent_bias_tables,
-                         resize_pos_embed, unwrap_state_dict)
+from ._common import (HW, AgentNum, ClassifierMixin, build, check_output_fmt, check_pool, check_weight_source,
+                      infer_square_grid, init_linear_norm, parse_agent_num, resize_agent_bias_tables, resize_pos_embed,
+                      run_blocks, take_indices)
+from ._safe_load import unwrap_state_dict
 from .registry import ALIASES, register_alias
 
 __all__ = ["AgentPyramidVisionTransformer", "SRAttention", "checkpoint_filter_fn"]
-
-HW = Tuple[int, int]
 
 
 class PatchEmbed(nn.Module):
@@ -114,7 +112,7 @@ def _per_stage(value, n: int, what: str) -> list:
     return value[:n]
 
 
-class AgentPyramidVisionTransformer(nn.Module):
+class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
     """Agent-PVT (official ``PyramidVisionTransformer`` of Agent Attention).
 
     Args:
@@ -142,8 +140,7 @@ class AgentPyramidVisionTransformer(nn.Module):
         S = num_stages
         if S < 1:
             raise ValueError(f"num_stages must be >= 1, got {S}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_pool(global_pool, self.global_pools)
         embed_dims, num_heads = _per_stage(embed_dims, S, "embed_dims"), _per_stage(num_heads, S, "num_heads")
         mlp_ratios, depths = _per_stage(mlp_ratios, S, "mlp_ratios"), _per_stage(depths, S, "depths")
         sr_ratios = _per_stage(sr_ratios, S, "sr_ratios")
@@ -203,13 +200,7 @@ class AgentPyramidVisionTransformer(nn.Module):
         for i in range(self.num_stages):
             trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_linear_norm(m)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -220,22 +211,6 @@ class AgentPyramidVisionTransformer(nn.Module):
         blocks = r"^(?:block|patch_embed|pos_embed)(\d+)" if coarse else [
             (r"^(?:patch_embed|pos_embed)(\d+)", (-1,)), (r"^block(\d+)\.(\d+)", None)]
         return dict(stem=r"^(?:patch_embed|pos_embed)1\b", blocks=blocks)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # ------------------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
@@ -250,12 +225,7 @@ class AgentPyramidVisionTransformer(nn.Module):
         x, hw = getattr(self, f"patch_embed{i + 1}")(x)
         pos = resize_pos_embed(getattr(self, f"pos_embed{i + 1}"), self.grids[i], hw, 0, mode="bilinear")
         x = getattr(self, f"pos_drop{i + 1}")(x + pos)
-        for blk in getattr(self, f"block{i + 1}"):
-            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-                x = checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-        return x, hw
+        return run_blocks(getattr(self, f"block{i + 1}"), x, hw, self.grad_checkpointing), hw
 
     @staticmethod
     def _to_nchw(x: Tensor, hw: HW) -> Tensor:
@@ -273,17 +243,13 @@ class AgentPyramidVisionTransformer(nn.Module):
             x = x.flatten(2).mean(-1)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
         """Stage outputs as NCHW maps (or NLC tokens); ``norm`` is accepted for timm compatibility
         (Agent-PVT has no final norm)."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_output_fmt(output_fmt, ("NCHW", "NLC"))
         self._check_input(x)
-        take, max_index = feature_take_indices(self.num_stages, indices)
+        take, max_index = take_indices(self.num_stages, indices)
         last = max_index if stop_early or intermediates_only else self.num_stages - 1
         outs = []
         for i in range(last + 1):
@@ -297,7 +263,7 @@ class AgentPyramidVisionTransformer(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        take, max_index = feature_take_indices(self.num_stages, indices)
+        take, max_index = take_indices(self.num_stages, indices)
         for i in range(max_index + 1, self.num_stages):
             for name in ("patch_embed", "pos_embed", "pos_drop", "block"):
                 delattr(self, f"{name}{i + 1}")
@@ -346,11 +312,7 @@ default_cfgs = generate_default_cfgs({
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     check_weight_source(variant, pretrained, kwargs)
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        AgentPyramidVisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
-    )
+    return build(AgentPyramidVisionTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _COMMON = dict(patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],

@@ -13,73 +13,27 @@ patch merging pads odd maps.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as ckpt
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ..layers import AgentAttention
-from ._common import (HW, ClassifierMixin, build, check_image, check_pool, default_cfg, img_size_2d, pad_hw,
-                      parse_attn_type, parse_int_list, relative_position_index, resize_agent_bias,
-                      resize_rel_pos_table, resolve_norm_layer, shifted_window_mask, take_indices, to_nchw,
-                      unwrap_state_dict, window_padding_mask, window_partition, window_reverse)
+from ..layers import AgentAttention, to_2tuple_hw
+from ._common import (HW, HierarchicalMixin, build, check_image, check_pool, default_cfg, init_linear_norm,
+                      merged_hw, parse_attn_type, parse_int_list, resize_agent_bias, resize_rel_pos_table,
+                      resolve_norm_layer, run_blocks, take_indices, to_nchw)
+from ._safe_load import unwrap_state_dict
+from ._windows import (WindowAttention, pad_hw, relative_position_index, shifted_window_mask, window_padding_mask,
+                       window_partition, window_reverse)
 from .registry import ALIASES, register_alias
 
 __all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMerging", "checkpoint_filter_fn",
            "relative_position_index", "shifted_window_mask"]
 
 _GEOMETRY_BUFFERS = ("relative_position_index", "attn_mask")
-
-
-class WindowAttention(nn.Module):
-    """Swin W-MSA: softmax attention in windows with a learned relative position bias (SDPA)."""
-
-    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"WindowAttention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", relative_position_index((window_size,) * 2, window_size))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._index_cache: Dict[tuple, Tensor] = {}
-
-    def position_bias(self, window: HW) -> Tensor:
-        """Relative position bias ``(h, N, N)`` for a ``window`` no larger than the table's."""
-        idx = self.relative_position_index
-        if tuple(window) != (self.window_size, self.window_size):
-            key = (tuple(window), idx.device)
-            if key not in self._index_cache:
-                self._index_cache[key] = relative_position_index(window, self.window_size).to(idx.device)
-            idx = self._index_cache[key]
-        N = window[0] * window[1]
-        return self.relative_position_bias_table[idx.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
-
-    def forward(self, x: Tensor, window: HW, mask: Optional[Tensor] = None) -> Tensor:
-        """``x (B·nW, N, C)`` windows of size ``window``; ``mask (nW, N, N)`` additive or ``None``."""
-        B_, N, C = x.shape
-        h = self.num_heads
-        q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.position_bias(window).unsqueeze(0)
-        if mask is not None:  # windows of one image side by side as extra heads: the mask broadcasts
-            nW = mask.shape[0]
-            bias = (bias + mask.unsqueeze(1).to(bias.dtype)).reshape(1, nW * h, N, N)
-            q, k, v = (t.reshape(B_ // nW, nW * h, N, C // h) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
-        out = out.reshape(B_, h, N, C // h).transpose(1, 2).reshape(B_, N, C)
-        return self.proj_drop(self.proj(out))
 
 
 class AgentSwinBlock(nn.Module):
@@ -190,6 +144,8 @@ class PatchEmbed(nn.Module):
 class PatchMerging(nn.Module):
     """2x2 neighbour concat (official order) -> LayerNorm(4C) -> Linear(4C, 2C); odd maps are padded."""
 
+    output_hw = staticmethod(merged_hw)  # grid after this merge
+
     def __init__(self, dim: int, norm_layer=nn.LayerNorm):
         super().__init__()
         self.dim = dim
@@ -222,22 +178,17 @@ class AgentSwinStage(nn.Module):
         self.downsample = PatchMerging(dim, norm_layer) if downsample else None
 
     def forward_blocks(self, x: Tensor, hw: HW) -> Tensor:
-        for blk in self.blocks:
-            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
-                x = ckpt.checkpoint(blk, x, hw, use_reentrant=False)
-            else:
-                x = blk(x, hw)
-        return x
+        return run_blocks(self.blocks, x, hw, self.grad_checkpointing)
 
     def output_hw(self, hw: HW) -> HW:
-        return hw if self.downsample is None else ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
+        return hw if self.downsample is None else self.downsample.output_hw(hw)
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
         x = self.forward_blocks(x, hw)
         return x if self.downsample is None else self.downsample(x, hw)
 
 
-class AgentSwinTransformer(ClassifierMixin, nn.Module):
+class AgentSwinTransformer(HierarchicalMixin, nn.Module):
     """Agent-Swin classifier; defaults are Agent-Swin-T at 224.
 
     ``window_size`` is the window of agent blocks (``None``: the patch grid, i.e. global agent
@@ -259,7 +210,7 @@ class AgentSwinTransformer(ClassifierMixin, nn.Module):
         num_heads = parse_int_list(num_heads, n, "num_heads")
         agent_nums = parse_int_list(agent_num, n, "agent_num")
         plan = parse_attn_type(attn_type, depths)
-        H, W = img_size_2d(img_size)
+        H, W = to_2tuple_hw(img_size, "img_size")
         grid = (-(-H // patch_size), -(-W // patch_size))
         window_size = window_size or max(grid)
         self.num_classes, self.global_pool, self.num_layers = num_classes, check_pool(global_pool), n
@@ -284,10 +235,10 @@ class AgentSwinTransformer(ClassifierMixin, nn.Module):
                 mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[sum(depths[:i]):sum(depths[: i + 1])],
                 norm_layer, downsample=i < n - 1))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
-            res = ((res[0] + 1) // 2, (res[1] + 1) // 2)
+            res = merged_hw(res)
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_linear_norm)
         if use_checkpoint:
             self.set_grad_checkpointing(True)
 
@@ -334,40 +285,18 @@ class AgentSwinTransformer(ClassifierMixin, nn.Module):
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
 
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs before each downsample (dims C, 2C, 4C, 8C at strides 4..32), timm style."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = take_indices(len(self.layers), indices)
-        x, hw = self._embed(x)
-        last = len(self.layers) - 1
-        stages = self.layers[: max_index + 1] if stop_early else self.layers
-        intermediates = []
-        for i, layer in enumerate(stages):
-            if i > 0 and stages[i - 1].downsample is not None:  # the previous stage's closing merge
-                x, hw = stages[i - 1].downsample(x, hw), stages[i - 1].output_hw(hw)
-            x = layer.forward_blocks(x, hw)
-            if i in take:
-                y = to_nchw(self.norm(x) if norm and i == last else x, hw)
-                intermediates.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        x = self.norm(x) if len(stages) == last + 1 else x
-        return x.view(x.shape[0], hw[0], hw[1], -1), intermediates
+    def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
+        """Per stage: the previous stage's closing merge (``None`` for the first) and its blocks."""
+        return [(self.layers[i - 1].downsample if i > 0 else None, layer.forward_blocks)
+                for i, layer in enumerate(self.layers)]
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         take, max_index = take_indices(len(self.layers), indices)
-        prune_end = max_index < len(self.layers) - 1
+        num_stages = len(self.layers)
         self.layers = self.layers[: max_index + 1]
-        if prune_end:
+        if self._prune_tail(max_index, num_stages, prune_norm, prune_head):
             self.layers[-1].downsample = None
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
         return take
 
 

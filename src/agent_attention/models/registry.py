@@ -1,6 +1,8 @@
 """Model names: official names and short aliases, plus the helpers the family files share."""
 from __future__ import annotations
 
+import sys
+
 # short alias -> official name (DESIGN.md: official names of the manifests plus short aliases)
 ALIASES = {
     "agent_deit_t": "agent_deit_tiny",
@@ -45,4 +47,6 @@ def register_alias(alias: str, fn):
     _alias.__qualname__ = alias
     _alias.__module__ = fn.__module__
     _alias.__doc__ = f"Alias of ``{fn.__name__}``."
-    return register_model(_alias)
+    registered = register_model(_alias)  # timm lists the name in the module's __all__ ...
+    setattr(sys.modules[fn.__module__], alias, registered)  # ... so the module must define it
+    return registered
