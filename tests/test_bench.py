@@ -59,6 +59,13 @@ def test_time_round_robin_and_slope():
         common.time_round_robin({"a": fa}, torch.device("cpu"), repeats=0)
 
 
+def test_rounds_alternate_direction():
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    common.time_round_robin(fns, torch.device("cpu"), repeats=3, min_repeat_s=0.0, warmed=False)
+    assert order[3:] == list("abc") + list("cba") + list("abc")  # after the three estimate calls
+
+
 def test_straightforward_baseline_equals_agent_attention():
     t = make_inputs(12, batch=3, dim=32, heads=2, agents=9, window=8, dtype=torch.float64, device=torch.device("cpu"))
     assert t["agent_bias"].shape == (1, 2, 9, 144) and t["query_bias"].shape == (1, 2, 144, 9)

@@ -133,6 +133,13 @@ class Timing:
         return (max(self.samples) - min(self.samples)) / (2 * self.median)
 
 
+def round_order(keys: List, r: int) -> List:
+    """The order of round ``r``: forward in even rounds, backward in odd ones (A B C, C B A, ...), so
+    that every configuration has the same mean position and a drift in machine speed during a
+    round (other jobs starting, clocks changing) does not favour the ones timed first."""
+    return list(keys) if r % 2 == 0 else list(reversed(keys))
+
+
 def time_round_robin(
     fns: Dict[str, Callable[[], object]],
     device: torch.device,
@@ -146,7 +153,7 @@ def time_round_robin(
 
     Each function is first called once (warm-up, and an estimate of its cost that fixes how many
     calls ``number`` make one sample: enough for ``min_repeat_s``). Then ``repeats`` rounds time
-    every function once each; a function whose samples would exceed ``max_s_per_fn`` in total gets
+    every function once each; in alternating order (see :func:`round_order`); a function whose samples would exceed ``max_s_per_fn`` in total gets
     fewer rounds (at least one). ``warmed=True`` says every function was already called once (e.g.
     by :func:`peak_memory`): the estimate call of a slow function (one call per sample) then
     counts as its first sample.
@@ -167,10 +174,10 @@ def time_round_robin(
             samples[name].append(single)
             rounds[name] -= 1
     for r in range(repeats):
-        for name, fn in fns.items():
+        for name in round_order(list(fns), r):
             if r >= rounds[name]:
                 continue
-            number = numbers[name]
+            fn, number = fns[name], numbers[name]
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()

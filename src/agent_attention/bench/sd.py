@@ -78,15 +78,16 @@ def configure(unet, method: str, ratio: float) -> None:
 
 
 def time_rounds(configs: Dict[tuple, Callable[[], None]], step: Callable[[], object], device, repeats: int):
-    """``repeats`` rounds, each timing one step of every configuration: ``{key: [(wall s, CPU s)]}``.
+    """``repeats`` rounds, each timing one step of every configuration (forward, then backward order:
+    :func:`common.round_order`): ``{key: [(wall s, CPU s)]}``.
 
     The configuration switch is outside the timed region.  CPU time (``time.process_time``, all
     threads of this process) is reported next to wall time: it is much less sensitive to other
     processes on a shared machine."""
     samples: Dict[tuple, List[Tuple[float, float]]] = {key: [] for key in configs}
-    for _ in range(repeats):
-        for key, setup in configs.items():
-            setup()
+    for r in range(repeats):
+        for key in common.round_order(list(configs), r):
+            configs[key]()
             common.sync(device)
             wall, cpu = time.perf_counter(), time.process_time()
             step()
