@@ -24,7 +24,6 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
-import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models._features import FeatureGetterNet

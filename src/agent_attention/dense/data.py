@@ -17,16 +17,14 @@ at 1, ``masks`` uint8 ``(N, H, W)``); segmentation labels are int64 ``(H, W)`` w
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from torch.utils.data import Dataset
 
 SHAPE_CLASSES = ("circle", "square", "triangle")

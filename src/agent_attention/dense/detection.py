@@ -14,9 +14,8 @@ Images of any size are resized by torchvision's ``GeneralizedRCNNTransform`` (``
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
