@@ -148,7 +148,6 @@ def test_compile_agent_attention_inductor():
         torch.testing.assert_close(torch.compile(m)(x, (8, 8)), m(x, (8, 8)), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_compile_every_model_full_graph(name):
     from agent_attention.models import create_model
