@@ -14,12 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAMILIES = ["agent_deit_t", "agent_pvt_t", "agent_swin_t", "agent_cswin_t"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- helpers

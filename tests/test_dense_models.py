@@ -12,14 +12,7 @@ from agent_attention.dense.backbone import stage_of
 from agent_attention.layers import AgentAttention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared 2-core machine
-    several threads per process thrash (measured ~8x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # tiny backbones (a few 10k parameters) of each family; Swin has a shifted window block in stage 4
 TINY = {

@@ -15,14 +15,7 @@ PVT = dict(img_size=64, embed_dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4], dep
 MODEL_KWARGS = json.dumps(PVT)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared 2-core machine
-    several threads per process thrash (measured ~8x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _steps(model, batch, loss_fn, n=6, lr=2e-3):

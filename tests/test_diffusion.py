@@ -21,13 +21,7 @@ from agent_attention.diffusion.merge import destination_partition  # noqa: E402
 from agent_attention.functional import agent_attention_math  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:

@@ -322,3 +322,18 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
         return run(args)
     except ValueError as e:
         parser.error(str(e))
+
+
+def add_timing_options(p: argparse.ArgumentParser, *, repeats: int, max_seconds: float, unit: str) -> None:
+    """``--threads --repeats --stat --max-seconds`` shared by ``bench op`` and ``bench models``."""
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"timed rounds per {unit} (see --stat)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="time statistic over the rounds (min: least disturbed by other processes)")
+    p.add_argument("--max-seconds", type=float, default=max_seconds, help=f"cap on the timed seconds per {unit} and size")
+
+
+def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
+    """``--out`` (folder for ``<name>.md/.json/.png``) and ``--no-plot``."""
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help=f"folder for {name}.md, {name}.json, {name}.png")
+    p.add_argument("--no-plot", action="store_true")

@@ -231,16 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="float16/bfloat16: autocast (default float32)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (see --stat)")
-    p.add_argument("--stat", choices=("median", "min"), default="median",
-                   help="time statistic over the rounds (min: least disturbed by other processes)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="cap on the timed seconds per variant and size")
+    common.add_timing_options(p, repeats=5, max_seconds=20.0, unit="variant")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(agent model)")
     p.add_argument("--channels-last", action="store_true", help="feed channels-last images")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest operators per agent model")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for models.md, models.json, models.png")
-    p.add_argument("--no-plot", action="store_true")
+    common.add_output_options(p, "models")
     return p
 
 

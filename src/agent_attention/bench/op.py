@@ -239,14 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", nargs="+", default=["auto"],
                    help="auto (fp32 on CPU; fp16 and bf16 on CUDA) or some of float32, float16, bfloat16")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per method (see --stat)")
-    p.add_argument("--stat", choices=("median", "min"), default="median",
-                   help="time statistic over the rounds (min: least disturbed by other processes)")
-    p.add_argument("--max-seconds", type=float, default=40.0, help="cap on the timed seconds per method and size")
+    common.add_timing_options(p, repeats=5, max_seconds=40.0, unit="method")
     p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip configurations estimated to need more")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for op.md, op.json, op.png")
-    p.add_argument("--no-plot", action="store_true")
+    common.add_output_options(p, "op")
     return p
 
 

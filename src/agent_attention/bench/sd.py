@@ -215,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for sd.md, sd.json, sd.png")
-    p.add_argument("--no-plot", action="store_true")
+    common.add_output_options(p, "sd")
     return p
 
 
