@@ -184,11 +184,11 @@ class AgentAttention(nn.Module):
         Composing the biases (bilinear resizes of the 7 × 7 tables, row/column sums) costs as much as
         a small attention; with autograd off the result depends only on the grids and on the
         parameter values, so it is kept for the last grid and recomputed when a parameter changes
-        (its version counter, storage, dtype or device).  Training, ``torch.compile`` tracing and
-        per-sample (masked) biases always recompose.
+        (its version counter, storage, dtype or device).  Training, ``torch.compile``/``torch.jit``
+        tracing and per-sample (masked) biases always recompose.
         """
         if (not self.has_agent_bias or torch.is_grad_enabled() or q_valid is not None or k_valid is not None
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return self.compose_biases(query_hw, key_hw, n_q, n_k, q_valid, k_valid)
         params = list(self.parameters(recurse=False))
         try:
