@@ -41,7 +41,7 @@ TINY_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
 )
-LABELS = {"baseline": "baseline (SDPA)", "tomesd": "ToMeSD", "agentsd": "AgentSD", "agentsd-late": "AgentSD late",
+LABELS = {"baseline": "baseline (SDPA)", "tomesd": "ToMeSD", "agentsd": "AgentSD", "agentsd-late": "AgentSD 2nd phase (ToMe 2×2)",
           "schedule": "AgentSD schedule"}
 EARLY_FRACTION = 0.4  # the paper: 20 of 50 steps with agents
 
