@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import agent_feature_maps
+from ._atomic import atomic_path
 from .layers import AgentAttention, pool_agents, to_2tuple_hw
 
 __all__ = ["AgentCall", "load_image", "capture_agent_calls", "select_call", "agent_maps", "draw", "main"]
@@ -242,10 +243,8 @@ def draw(image: np.ndarray, maps: Dict[str, object], agents: Sequence[int], titl
         cb.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=10)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
 
 

@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from .._atomic import atomic_path, write_text
+
 __all__ = [
     "Timing", "machine_info", "machine_line", "set_threads", "resolve_device", "sync",
     "time_round_robin", "peak_memory", "markdown_table", "text_table", "fmt_ms", "fmt_mb",
@@ -294,10 +296,8 @@ def new_figure(ncols: int, width: float = 5.2, height: float = 4.2):
 
 
 def save_figure(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return path
 
 
@@ -306,11 +306,7 @@ def write_outputs(out_dir: Path, stem: str, markdown: str, data: dict) -> List[P
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for suffix, text in ((".md", markdown), (".json", json.dumps(data, indent=2, default=str))):
-        path = out_dir / f"{stem}{suffix}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(write_text(out_dir / f"{stem}{suffix}", text + "\n"))
     return written
 
 

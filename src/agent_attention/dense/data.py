@@ -16,8 +16,6 @@ at 1, ``masks`` uint8 ``(N, H, W)``); segmentation labels are int64 ``(H, W)`` w
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -26,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .._atomic import write_json
 
 SHAPE_CLASSES = ("circle", "square", "triangle")
 IGNORE_INDEX = 255
@@ -321,7 +321,4 @@ def segmentation_collate(batch):
 
 def write_coco_json(coco: dict, path: str) -> None:
     """Write a COCO dict atomically (temp file + ``os.replace``)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(coco, f)
-    os.replace(tmp, path)
+    write_json(path, coco)

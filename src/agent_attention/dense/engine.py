@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import IGNORE_INDEX
+from .._atomic import write_json
 from .metrics import coco_evaluate, confusion_matrix, detections_to_coco, segmentation_scores
 
 #: parameter-name substrings without weight decay in the official Swin recipes (spec §6.2)
@@ -171,9 +171,7 @@ def load_training_checkpoint(path) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, default=float)
 
 
 def _scalar_metrics(m: Dict[str, object]) -> Dict[str, float]:

@@ -10,13 +10,13 @@ The model directory is loaded with ``DiffusionPipeline.from_pretrained(path, loc
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import List, Optional
+
+from .._atomic import atomic_path
 
 __all__ = ["main", "build_parser", "side_by_side"]
 
@@ -69,15 +69,8 @@ def side_by_side(images, labels: Optional[List[str]] = None):
 
 
 def _save_png(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

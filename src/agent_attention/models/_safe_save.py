@@ -5,54 +5,16 @@ crash mid-write leaves any previous file intact. Re-exported by :mod:`agent_atte
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._atomic import atomic_path
+
 __all__ = ["save_checkpoint_atomic", "export_safetensors"]
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _file_mode(path: Path) -> int:
-    """The mode a normally created file would get (or the existing file's mode)."""
-    with contextlib.suppress(OSError):
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, _file_mode(path))  # mkstemp makes 0600 files
-        os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
 
 
 def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> Path:
@@ -60,7 +22,7 @@ def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> Path:
 
     A crash or error mid-write leaves any previous file at ``path`` intact and no partial file.
     """
-    with _atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
 
@@ -107,6 +69,6 @@ def export_safetensors(
             raise TypeError(f"metadata must map str to str/int/float/bool, got {k!r}: {type(v).__name__}")
         meta[k] = str(v)
     tensors = _tensors_for_safetensors(state)
-    with _atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         st.save_file(tensors, os.fspath(tmp), metadata=meta)
     return Path(path)
