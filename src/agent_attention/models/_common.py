@@ -338,5 +338,8 @@ def build(model_cls, variant: str, pretrained: bool, filter_fn, out_indices=(0, 
     """``build_model_with_cfg`` with the checkpoint filter and a ``getter`` feature wrapper."""
     from timm.models import build_model_with_cfg
 
+    from .pretrained import prepare_pretrained
+
+    kwargs = prepare_pretrained(variant, pretrained, kwargs)
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
                                 feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
