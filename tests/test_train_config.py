@@ -99,7 +99,7 @@ def test_every_recipe_builds_model_with_official_param_count(name):
 def test_aliases_and_paths(tmp_path):
     assert recipe_path("agent_swin_t").stem == "agent_swin_tiny"
     p = tmp_path / "mine.yaml"
-    p.write_text("model: agent_pvt_tiny\nepochs: 3\n")
+    p.write_text("model: agent_pvt_tiny\nepochs: 3\nwarmup_epochs: 1\n")
     cfg = load_recipe(str(p))
     assert cfg.model == "agent_pvt_tiny" and cfg.epochs == 3 and cfg.batch_size == 128  # default kept
     with pytest.raises(ValueError, match="unknown recipe"):

@@ -32,7 +32,7 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ddp_max_param_diff"] == 0.0  # replicas identical
     rows = [json.loads(x) for x in (ddp / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]  # logged once, by rank 0
+    assert [r["epoch"] for r in rows] == [1, 2]  # logged once, by rank 0
     assert not [p for p in ddp.iterdir() if p.name.endswith(".tmp")]
     assert proc.stdout.count("done:") == 1  # rank 0 only
     state = load_state(ddp / "last.pth")

@@ -45,7 +45,7 @@ def test_tiny_run_writes_everything(tmp_path):
     assert "checkpoint-1.pth" not in names  # keep_ckpts=1
     assert not [n for n in names if n.endswith(".tmp")]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert all(0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in rows)
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,lr,train_loss")
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -151,7 +151,7 @@ def test_plot_curves_from_log(tmp_path):
 
     log = EpochLog(tmp_path)
     for e in range(3):
-        log.append({"epoch": e, "lr": 1e-3 / (e + 1), "train_loss": 2 - e * 0.5, "val_loss": 2.1 - e * 0.5,
+        log.append({"epoch": e + 1, "lr": 1e-3 / (e + 1), "train_loss": 2 - e * 0.5, "val_loss": 2.1 - e * 0.5,
                     "val_top1": 30.0 * e, "val_top5": 50.0 + 10 * e})
     log.truncate(2)
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2

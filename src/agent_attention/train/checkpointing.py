@@ -10,6 +10,7 @@ official loaders find the weights under ``model`` as in official checkpoints.
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -18,12 +19,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .._atomic import remove_stale_temps as _remove_temps
 from ..models.checkpoints import load_checkpoint, save_checkpoint_atomic
 
 __all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "find_resume", "prune_checkpoints",
-           "LAST", "BEST", "BEST_EMA"]
+           "remove_stale_temps", "first_non_finite", "read_summary", "LAST", "BEST", "BEST_EMA", "RUN_FILES"]
 
 LAST, BEST, BEST_EMA = "last.pth", "best.pth", "best_ema.pth"
+#: every file a training run writes into its folder (``checkpoint-*.pth``: one per saved epoch)
+RUN_FILES = (LAST, BEST, BEST_EMA, "checkpoint-*.pth", "model.safetensors", "summary.json", "log.jsonl", "log.csv",
+             "curves.png")
 _EPOCH_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
@@ -103,3 +108,29 @@ def prune_checkpoints(output: Path, keep: int) -> None:
         return
     for p in _numbered(output)[:-keep]:
         p.unlink(missing_ok=True)
+
+
+def remove_stale_temps(output: Path) -> List[Path]:
+    """Delete the temp files that killed writers left next to any of :data:`RUN_FILES` in ``output``
+    (call on rank 0 before the run writes anything)."""
+    removed: List[Path] = []
+    for name in RUN_FILES:
+        removed += _remove_temps(Path(output) / name)
+    return removed
+
+
+def first_non_finite(state: Dict[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor of ``state`` holding NaN/inf, else None."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def read_summary(output: Path) -> Dict[str, Any]:
+    """``summary.json`` of a run folder ({} when missing or unreadable)."""
+    try:
+        data = json.loads((Path(output) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -16,9 +16,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from .validation import RANGES, RESUME_IGNORED, check_range, recipe_diff, validate
+
 __all__ = [
     "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "load_recipe",
-    "add_config_args", "config_from_args", "coerce", "apply_override", "lr_scale",
+    "add_config_args", "config_from_args", "coerce", "apply_override", "lr_scale", "check_range", "validate",
+    "recipe_diff", "RANGES", "RESUME_IGNORED",
 ]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -118,9 +121,12 @@ FIELDS: List[Field] = [
     _f("plot", False, "bool", "write curves.png (loss, accuracy, lr) at the end"),
     _f("export", True, "bool", "export the final weights (EMA if enabled) to model.safetensors"),
     _f("threads", None, "int", "torch CPU threads per process (default: torch's choice)", True),
+    _f("resume_override", False, "bool", "with --resume: train on with this recipe where it differs from the "
+       "checkpoint's (lr schedule rebuilt, optimizer hyper-parameters replaced) instead of refusing"),
 ]
 _BY_NAME: Dict[str, Field] = {f.name: f for f in FIELDS}
 _META_KEYS = ("description",)  # recipe keys that are not fields
+_HINTS = {"lr": "base_lr", "learning_rate": "base_lr", "wd": "weight_decay", "warmup": "warmup_epochs"}
 
 
 class Config(dict):
@@ -145,12 +151,17 @@ def _is_none(value: Any) -> bool:
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Check and convert ``value`` for field ``name``; ValueError naming the field otherwise."""
+    """Check and convert ``value`` for field ``name`` (type, choices, allowed range: :func:`check_range`);
+    a one-line ValueError naming the field otherwise."""
+    return check_range(name, _convert(name, value))
+
+
+def _convert(name: str, value: Any) -> Any:
     f = _BY_NAME.get(name)
     if f is None:
         import difflib
 
-        close = difflib.get_close_matches(name, _BY_NAME, n=3)
+        close = difflib.get_close_matches(name, _BY_NAME, n=3) or [n for k, n in _HINTS.items() if k == name]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown recipe field {name!r}{hint}")
     if f.optional and _is_none(value) and not (f.kind == "str" and value == ""):
@@ -241,6 +252,7 @@ def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]
     cfg["recipe"] = path.stem
     for key, value in (overrides or {}).items():
         apply_override(cfg, key, value)
+    validate(cfg)
     return cfg
 
 

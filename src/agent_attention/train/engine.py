@@ -6,9 +6,16 @@ with ``ckpt_every_steps=N``, every N optimizer steps — and ends with the same 
 uninterrupted run (same seed and world size): the data order and augmentation are functions of
 ``(seed, epoch, index)`` (:mod:`.data`), mixup draws are seeded by ``(seed, rank, epoch, step)``
 and every other RNG state is saved in the checkpoint.
+
+Safety: the recipe is validated (:mod:`.validation`); resuming with a recipe that differs from the
+checkpoint's is refused unless ``resume_override`` is set; a non-finite loss (or, without fp16 loss
+scaling, a non-finite gradient norm) stops the run *before* the optimizer step with
+:class:`NonFiniteLossError`, and no checkpoint is ever written from non-finite weights, so the files
+on disk always hold the last good state. Epochs are 1-based in every message and log row.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -19,19 +26,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._atomic import write_json
 from . import checkpointing as ck
-from .config import Config, lr_scale
+from .config import Config, defaults, lr_scale, recipe_diff, validate
 from .data import build_loaders, mix_seed, seeded_rng
 from .distributed import DistInfo, all_reduce_sum, init_distributed, params_in_sync
 from .evaluation import amp_dtype, autocast, build_model, evaluate
 from .optim import build_optimizer, build_scheduler
-from .report import EpochLog, plot_curves, progress_bar
+from .report import EpochLog, plot_curves, progress_bar, read_log
 
-__all__ = ["Trainer", "SimulatedKill", "train"]
+__all__ = ["Trainer", "SimulatedKill", "NonFiniteLossError", "train"]
 
 
 class SimulatedKill(RuntimeError):
     """Raised by ``Trainer(stop_after_steps=k)`` after optimizer step k (tests of resume)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN/inf; the run stopped before applying that step."""
 
 
 def _seed_all(seed: int) -> None:
@@ -58,10 +70,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg, d = self.cfg, self.dist
+        validate(cfg, warn=False)  # (load_recipe warned already)
+        if d.is_main:
+            removed = ck.remove_stale_temps(self.output)
+            if removed:
+                self.log(f"removed {len(removed)} temp file(s) left in {self.output} by interrupted writes")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.accum_steps < 1 or cfg.batch_size < 1:
-            raise ValueError(f"batch_size and accum_steps must be >= 1, got {cfg.batch_size}, {cfg.accum_steps}")
         _seed_all(cfg.seed)  # same initial weights on every rank
         self.loaders = build_loaders(cfg, d.rank, d.world_size, d.device)
         self.num_classes = cfg.num_classes or self.loaders.num_classes
@@ -103,6 +118,7 @@ class Trainer:
         self.max_top1 = self.max_top1_ema = 0.0
         self.meters: Optional[Dict[str, float]] = None
         self.elapsed = 0.0
+        self.epochs_total = cfg.epochs + cfg.cooldown_epochs
         resume = ck.find_resume(self.output, cfg.resume)
         if resume is not None:
             self._load(resume)
@@ -111,7 +127,6 @@ class Trainer:
                 self.log(f"warning: starting a fresh run in {self.output}; its checkpoints will be overwritten "
                          "(use --resume auto to continue it)")
             _seed_all(cfg.seed + d.rank)
-        self.epochs_total = cfg.epochs + cfg.cooldown_epochs
         self.epoch_log = EpochLog(self.output, enabled=d.is_main)
 
     def _setup_loss(self) -> None:
@@ -134,13 +149,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoints
     def _state(self, epoch: int, step_in_epoch: int, meters: Optional[Dict[str, float]]) -> Dict[str, Any]:
+        model_sd = self.model.state_dict()
+        ema_sd = self.ema.module.state_dict() if self.ema is not None else None
+        for what, sd in (("model", model_sd), ("EMA", ema_sd)):
+            bad = ck.first_non_finite(sd or {})
+            if bad is not None:  # every rank sees the same weights (DDP keeps them in sync)
+                raise NonFiniteLossError(
+                    f"refusing to write a checkpoint: {what} tensor {bad!r} holds NaN/inf; the checkpoints in "
+                    f"{self.output} keep the last good state")
         rngs = [ck.rng_state()]
         if self.dist.distributed:
             rngs = [None] * self.dist.world_size
             torch.distributed.all_gather_object(rngs, ck.rng_state())
         return {
-            "model": self.model.state_dict(),
-            "model_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "model": model_sd,
+            "model_ema": ema_sd,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -161,20 +184,41 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = ck.load_state(path)
+        cfg, override = self.cfg, bool(self.cfg.resume_override)
+        saved_cfg = state.get("config")
+        diff = recipe_diff(saved_cfg, cfg, defaults()) if isinstance(saved_cfg, dict) else []
+        if diff and not override:
+            raise ValueError(f"{path} was trained with another recipe ({'; '.join(diff)}): resume with the "
+                             "checkpoint's values, or set resume_override (--resume-override) to apply the new ones")
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
-            if state.get("model_ema") is None:
+            if state.get("model_ema") is not None:
+                self.ema.module.load_state_dict(state["model_ema"])
+            elif override:
+                self.ema.module.load_state_dict(self.model.state_dict())
+                self.log("model_ema: the checkpoint has no EMA weights; the EMA starts from the resumed weights")
+            else:
                 raise ValueError(f"{path} has no EMA weights but the recipe enables model_ema")
-            self.ema.module.load_state_dict(state["model_ema"])
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.meters = state.get("meters")
         self.max_top1 = float(state.get("max_accuracy", 0.0))
         self.max_top1_ema = float(state.get("max_accuracy_ema", 0.0))
         self.elapsed = float(state.get("elapsed_s", 0.0))
+        if diff:  # override: the new recipe's schedule and optimizer hyper-parameters, at the same position
+            for group, new in zip(self.optimizer.param_groups, fresh):
+                group.update(new)
+            self._convert_position(saved_cfg)
+            done = self.epoch * self.updates_per_epoch + self.step_in_epoch
+            if done > 0:
+                self.scheduler.step_update(done - 1)
+            self.log(f"resume_override: continuing with the new recipe values ({'; '.join(diff)})")
+        else:
+            self.scheduler.load_state_dict(state["lr_scheduler"])
         rngs = state.get("rng") or []
         if len(rngs) == self.dist.world_size:
             ck.set_rng_state(rngs[self.dist.rank])
@@ -182,7 +226,22 @@ class Trainer:
             self.log(f"warning: {path} was written by {len(rngs)} processes, this run has {self.dist.world_size}; "
                      "the run continues but will not match an uninterrupted one exactly")
             _seed_all(self.cfg.seed + self.dist.rank + 1000 * self.global_step)
-        self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch}/{self.updates_per_epoch}")
+        if self.step_in_epoch:
+            where = f"in epoch {self.epoch + 1}/{self.epochs_total} after step {self.step_in_epoch}/{self.updates_per_epoch}"
+        else:
+            where = f"after epoch {self.epoch}/{self.epochs_total}"
+        self.log(f"resumed from {path} {where}")
+
+    def _convert_position(self, saved_cfg: Dict[str, Any]) -> None:
+        """Mid-epoch resume with another batch size / accumulation: the step that covers the same samples
+        (rounded down: a few samples of the partial epoch are seen twice)."""
+        old = int(saved_cfg.get("batch_size", self.cfg.batch_size)) * int(saved_cfg.get("accum_steps", 1))
+        new = self.cfg.batch_size * self.cfg.accum_steps
+        if self.step_in_epoch and old != new:
+            self.step_in_epoch = min(self.step_in_epoch * old // new, self.updates_per_epoch)
+            self.meters = None
+        if self.step_in_epoch >= self.updates_per_epoch:  # the partial epoch is complete in the new recipe
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     # ---------------------------------------------------------------------------------- training
     def train_one_epoch(self, epoch: int, start_step: int = 0) -> Dict[str, float]:
@@ -200,6 +259,7 @@ class Trainer:
         t0, seen = time.perf_counter(), 0
         for step in range(start_step, self.updates_per_epoch):
             self.optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
             for j in range(accum):
                 images, targets = next(it)
                 images = images.to(d.device, non_blocking=True)
@@ -213,7 +273,9 @@ class Trainer:
                         out = self.ddp(images)
                     loss = self.criterion(out.float(), targets)
                     self.scaler.scale(loss / accum).backward()
-                m["loss"] += loss.item() * images.shape[0]
+                value = loss.item()
+                step_loss += value
+                m["loss"] += value * images.shape[0]
                 m["n"] += images.shape[0]
                 seen += images.shape[0]
             self.scaler.unscale_(self.optimizer)
@@ -221,6 +283,7 @@ class Trainer:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             else:
                 gnorm = _grad_norm(params)
+            self._check_finite(step_loss, float(gnorm), epoch, step)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step_update(epoch * self.updates_per_epoch + step)  # official: index of the done step
@@ -250,6 +313,19 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": seconds,
                 "train_images_per_s": seen * d.world_size / max(seconds, 1e-9)}
 
+    def _check_finite(self, loss: float, gnorm: float, epoch: int, step: int) -> None:
+        """Stop before the optimizer step on a NaN/inf loss, or on a NaN/inf gradient norm unless fp16 loss
+        scaling is on (then GradScaler skips the step and lowers the scale, as AMP does)."""
+        bad_loss, bad_grad = not math.isfinite(loss), not math.isfinite(gnorm) and not self.scaler.is_enabled()
+        if self.dist.distributed:  # the loss is per rank: agree, or one rank would wait forever for the others
+            bad_loss, bad_grad = (v > 0 for v in all_reduce_sum([float(bad_loss), float(bad_grad)], self.dist.device))
+        if bad_loss or bad_grad:
+            what = f"loss ({loss})" if bad_loss else f"gradient norm ({gnorm})"
+            raise NonFiniteLossError(
+                f"non-finite {what} at epoch {epoch + 1}/{self.epochs_total}, step {step + 1}/{self.updates_per_epoch}: "
+                f"stopped before the optimizer step; the checkpoints in {self.output} keep the last good state "
+                "(try a lower base_lr, clip_grad, or amp none/bf16)")
+
     def validate(self) -> Dict[str, float]:
         row = {}
         res = evaluate(self.model, self.loaders.val, self.dist.device, self.amp_dtype)
@@ -263,17 +339,21 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         if d.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-        self.epoch_log.truncate(self.epoch)
+        self.epoch_log.truncate(self.epoch)  # keep the rows of the epochs already done
         self.log(f"{cfg.model}: {self.n_params / 1e6:.3f}M params | data: {self.loaders.description} | "
                  f"{d.world_size} process(es) on {d.device} | lr {self.lr:.3g} | {self.updates_per_epoch} steps/epoch "
                  f"| {self.epochs_total} epochs | output {self.output}")
         self._t_start = time.perf_counter()
         row: Dict[str, Any] = {}
+        if self.epoch >= self.epochs_total:  # a finished run: report its final metrics again
+            row = self._last_row()
+            self.log(f"the run in {self.output} is already finished ({self.epoch}/{self.epochs_total} epochs): "
+                     + (_epoch_line(row, self.epochs_total) if row else "no log rows found"))
         for epoch in range(self.epoch, self.epochs_total):
             start = self.step_in_epoch if epoch == self.epoch else 0
             stats = self.train_one_epoch(epoch, start)
             last = epoch + 1 == self.epochs_total
-            row = {"epoch": epoch, **stats}
+            row = {"epoch": epoch + 1, **stats}  # 1-based, as in the messages and checkpoint-<epoch>.pth
             if (epoch + 1) % max(cfg.eval_freq, 1) == 0 or last:
                 row.update(self.validate())
             names = [ck.LAST]
@@ -294,15 +374,27 @@ class Trainer:
             self.log(_epoch_line(row, self.epochs_total))
         return self._finish(row)
 
+    def _last_row(self) -> Dict[str, Any]:
+        """The last logged epoch with validation metrics (log.jsonl, else the previous summary.json)."""
+        rows = [r for r in read_log(self.output / "log.jsonl") if r.get("val_top1") is not None]
+        if rows:
+            return rows[-1]
+        prev = ck.read_summary(self.output)
+        keys = {"final_top1": "val_top1", "final_top5": "val_top5", "final_ema_top1": "ema_val_top1"}
+        row = {new: prev[old] for old, new in keys.items() if prev.get(old) is not None}
+        return {"epoch": self.epoch, **row} if row else {}
+
     def _finish(self, row: Dict[str, Any]) -> Dict[str, Any]:
         cfg, d = self.cfg, self.dist
         drift = params_in_sync(self.model, d.device)
+        ran = self.epoch < self.epochs_total  # (self.epoch is where this fit() started)
         summary = {
             "model": cfg.model, "recipe": cfg.recipe, "params": self.n_params, "epochs": self.epochs_total,
             "world_size": d.world_size, "final_top1": row.get("val_top1"), "final_top5": row.get("val_top5"),
             "final_ema_top1": row.get("ema_val_top1"), "max_top1": self.max_top1,
             "max_top1_ema": self.max_top1_ema if self.ema is not None else None,
-            "wall_time_s": self.elapsed + time.perf_counter() - self._t_start, "ddp_max_param_diff": drift,
+            "wall_time_s": self.elapsed + (time.perf_counter() - self._t_start if ran else 0.0),
+            "ddp_max_param_diff": drift,
             "output": str(self.output),
         }
         if d.is_main:
@@ -318,7 +410,7 @@ class Trainer:
                 export_safetensors(src, self.output / "model.safetensors", metadata=meta)
             if cfg.plot and row:
                 plot_curves(self.output / "log.jsonl", self.output / "curves.png", title=f"{cfg.model} ({cfg.recipe})")
-            (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.output / "summary.json", summary, indent=2)
         return summary
 
 
@@ -335,11 +427,14 @@ def _fmt(v: Optional[float], spec: str = ".2f") -> str:
 
 
 def _epoch_line(row: Dict[str, Any], total: int) -> str:
-    s = (f"epoch {row['epoch'] + 1}/{total}: train loss {row['train_loss']:.4f} | val top-1 {_fmt(row.get('val_top1'))} "
+    s = (f"epoch {row['epoch']}/{total}: train loss {_fmt(row.get('train_loss'), '.4f')} | "
+         f"val top-1 {_fmt(row.get('val_top1'))} "
          f"top-5 {_fmt(row.get('val_top5'))} loss {_fmt(row.get('val_loss'), '.4f')}")
     if row.get("ema_val_top1") is not None:
         s += f" | EMA top-1 {row['ema_val_top1']:.2f}"
-    return s + f" | lr {row['lr']:.2e} | {row['epoch_time_s']:.1f}s ({row['train_images_per_s']:.0f} img/s)"
+    if "lr" in row:
+        s += f" | lr {row['lr']:.2e} | {row['epoch_time_s']:.1f}s ({row['train_images_per_s']:.0f} img/s)"
+    return s
 
 
 def train(cfg: Config, **kwargs) -> Dict[str, Any]:

@@ -1,11 +1,18 @@
-"""Per-epoch logs (JSON lines + CSV), PNG curves and progress display."""
+"""Per-epoch logs (JSON lines + CSV), PNG curves and progress display.
+
+Rows are numbered by 1-based epoch (``epoch: 1`` is the first); every file is written atomically
+(:mod:`agent_attention._atomic`) and ``log.jsonl`` is strict JSON (a NaN/inf metric becomes ``null``).
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from .._atomic import atomic_path, json_safe, write_text
 
 __all__ = ["EpochLog", "read_log", "plot_curves", "progress_bar", "COLUMNS"]
 
@@ -29,11 +36,11 @@ class EpochLog:
     def __init__(self, output: Path, enabled: bool = True):
         self.jsonl, self.csv, self.enabled = Path(output) / "log.jsonl", Path(output) / "log.csv", enabled
 
-    def truncate(self, before_epoch: int) -> None:
-        """Keep only rows of epochs ``< before_epoch`` (a resumed run rewrites the later ones)."""
+    def truncate(self, done_epochs: int) -> None:
+        """Keep only the rows of the first ``done_epochs`` epochs (a resumed run rewrites the later ones)."""
         if not self.enabled:
             return
-        rows = [r for r in read_log(self.jsonl) if r.get("epoch", 0) < before_epoch]
+        rows = [r for r in read_log(self.jsonl) if r.get("epoch", 0) <= done_epochs]
         self._write(rows)
 
     def append(self, row: Dict[str, Any]) -> None:
@@ -43,13 +50,14 @@ class EpochLog:
         self._write(rows)
 
     def _write(self, rows: List[Dict[str, Any]]) -> None:
-        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = [json_safe(r) for r in rows]
+        write_text(self.jsonl, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         extra = sorted({k for r in rows for k in r} - set(COLUMNS))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.csv, buf.getvalue())
 
 
 def plot_curves(log_path: Path, png_path: Path, title: str = "") -> Path:
@@ -62,7 +70,7 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> Path:
     rows = read_log(log_path)
     if not rows:
         raise ValueError(f"{log_path}: no epochs logged yet")
-    ep = [r["epoch"] + 1 for r in rows]
+    ep = [r["epoch"] for r in rows]
 
     def series(key):
         pts = [(e, r[key]) for e, r in zip(ep, rows) if r.get(key) is not None]
@@ -90,8 +98,8 @@ def plot_curves(log_path: Path, png_path: Path, title: str = "") -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return png_path
 
