@@ -2,8 +2,11 @@
 
 Official ``.pth`` files are read by torch's restricted ``weights_only`` unpickler with a few extra,
 harmless stand-ins (yacs ``CfgNode`` -> ``OrderedDict``, numeric numpy scalars, ``argparse.Namespace``);
-anything else that names code is refused with :class:`UnsafeCheckpointError`. ``.safetensors``
-files are recognised by their header. The public names are re-exported by
+anything else that names code is refused with :class:`UnsafeCheckpointError`. Before torch reads a
+file, :mod:`._pickle_scan` checks every tensor against its storage and every storage against the
+file (a 1 KB file cannot make the loader allocate terabytes), and the result is checked for cycles
+and absurd nesting (a ``ValueError``, never a ``RecursionError``). ``.safetensors`` files are
+recognised by their header. The public names are re-exported by
 :mod:`agent_attention.models.checkpoints`.
 """
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from ._pickle_scan import check_storages
 
 __all__ = [
     "UnsafeCheckpointError", "official_safe_globals", "load_checkpoint", "select_state_dict", "unwrap_state_dict",
@@ -91,22 +96,42 @@ def official_safe_globals() -> Iterator[None]:
         yield
 
 
-def _plain(obj: Any) -> Any:
+#: deepest container nesting accepted in a checkpoint (real ones have < 10 levels)
+MAX_DEPTH = 100
+
+
+def _plain(obj: Any, _path: Optional[set] = None) -> Any:
     """Stand-in CfgNodes (OrderedDicts carrying yacs attributes) -> nested plain dicts.
 
     Containers without a CfgNode inside are returned as they are (state dicts keep ``_metadata``).
+    A container that contains itself, or nesting deeper than :data:`MAX_DEPTH`, is a ``ValueError``.
     """
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    path = set() if _path is None else _path
+    if id(obj) in path:
+        raise ValueError("the checkpoint holds a container that contains itself (a cyclic reference)")
+    if len(path) >= MAX_DEPTH:
+        raise ValueError(f"the checkpoint nests containers more than {MAX_DEPTH} levels deep")
+    path.add(id(obj))
+    try:
+        return _plain_one(obj, path)
+    finally:
+        path.discard(id(obj))
+
+
+def _plain_one(obj: Any, path: set) -> Any:
     if isinstance(obj, collections.OrderedDict) and "__immutable__" in getattr(obj, "__dict__", {}):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _plain(v, path) for k, v in obj.items()}
     if type(obj) in (dict, collections.OrderedDict):
-        new = {k: _plain(v) for k, v in obj.items()}
+        new = {k: _plain(v, path) for k, v in obj.items()}
         if any(new[k] is not v for k, v in obj.items()):
             out = type(obj)(new)
             if hasattr(obj, "__dict__"):
                 out.__dict__.update(obj.__dict__)
             return out
     elif type(obj) in (list, tuple):
-        new_items = [_plain(v) for v in obj]
+        new_items = [_plain(v, path) for v in obj]
         if any(a is not b for a, b in zip(new_items, obj)):
             return type(obj)(new_items)
     return obj
@@ -164,6 +189,9 @@ def load_checkpoint(src: PathOrBytes, map_location: Union[str, torch.device] = "
         return {k: v.to(device) for k, v in out.items()} if device.type != "cpu" else out
     source: Any = io.BytesIO(data) if data is not None else os.fspath(src)
     mmap = data is None and head[:2] == b"PK"  # zip format: map storages instead of reading them
+    problem = check_storages(data if data is not None else Path(src))
+    if problem:
+        raise ValueError(f"refusing to load checkpoint {name}: {problem}")
     try:
         with official_safe_globals():
             obj = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
@@ -182,9 +210,14 @@ def load_checkpoint(src: PathOrBytes, map_location: Union[str, torch.device] = "
             f"allowlist (tensors, containers, numbers, strings, yacs CfgNode, numpy scalars).{bad} "
             f"Nothing from it was executed. Unpickler: {reason}"
         ) from e
+    except RecursionError as e:
+        raise ValueError(f"checkpoint {name} nests containers too deeply to be read") from e
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
         raise ValueError(f"checkpoint {name} is not a readable torch or safetensors file: {e!r}") from e
-    return _plain(obj)
+    try:
+        return _plain(obj)
+    except ValueError as e:
+        raise ValueError(f"refusing checkpoint {name}: {e}") from None
 
 
 # --------------------------------------------------------------------------- picking the weights
