@@ -15,6 +15,7 @@ to torch's own loader (which reports them).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import pickle
@@ -62,6 +63,7 @@ class _Storage:
         self.key, self.type_name, self.numel = key, type_name, numel
 
 
+@functools.lru_cache(maxsize=None)
 def _element_size(type_name: str) -> int:
     cls = getattr(torch, type_name, None) if type_name.endswith("Storage") else None
     try:
