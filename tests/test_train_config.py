@@ -113,7 +113,7 @@ def _parse(argv):
 
 
 def test_cli_flags_override_every_kind():
-    cfg = _parse(["--recipe", "agent_swin_tiny", "--epochs", "7", "--base-lr", "1e-3", "--no-test-crop",
+    cfg = _parse(["--recipe", "agent_swin_tiny", "--epochs", "7", "--warmup-epochs", "2", "--base-lr", "1e-3", "--no-test-crop",
                   "--model-ema", "--scale", "0.5", "1.0", "--clip-grad", "none", "--auto-augment", "none",
                   "--amp", "bf16", "--model-kwargs", "{attn_type: AAAA}", "--data-path", "/x"])
     assert (cfg.epochs, cfg.base_lr, cfg.test_crop, cfg.model_ema) == (7, 1e-3, False, True)
