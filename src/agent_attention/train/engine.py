@@ -187,8 +187,9 @@ class Trainer:
         cfg, override = self.cfg, bool(self.cfg.resume_override)
         saved_cfg = state.get("config")
         diff = recipe_diff(saved_cfg, cfg, defaults()) if isinstance(saved_cfg, dict) else []
+        listed = "; ".join(diff[:8] + ([f"{len(diff) - 8} more"] if len(diff) > 8 else []))
         if diff and not override:
-            raise ValueError(f"{path} was trained with another recipe ({'; '.join(diff)}): resume with the "
+            raise ValueError(f"{path} was trained with another recipe ({listed}): resume with the "
                              "checkpoint's values, or set resume_override (--resume-override) to apply the new ones")
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
@@ -216,7 +217,7 @@ class Trainer:
             done = self.epoch * self.updates_per_epoch + self.step_in_epoch
             if done > 0:
                 self.scheduler.step_update(done - 1)
-            self.log(f"resume_override: continuing with the new recipe values ({'; '.join(diff)})")
+            self.log(f"resume_override: continuing with the new recipe values ({listed})")
         else:
             self.scheduler.load_state_dict(state["lr_scheduler"])
         rngs = state.get("rng") or []
