@@ -67,6 +67,7 @@ FIELDS: List[Field] = [
     _f("eval_batch_size", None, "int", "evaluation batch size per process (default: batch_size)", True),
     _f("num_workers", 8, "int", "data loader worker processes"),
     _f("pin_memory", True, "bool", "pin host memory (CUDA only)"),
+    _f("skip_bad_images", False, "bool", "log and skip unreadable image files (default: stop, naming the file)"),
     _f("train_subset", None, "int", "use only the first N training samples (smoke tests)", True),
     _f("val_subset", None, "int", "use only the first N validation samples", True),
     _f("val_fraction", 0.2, "float", "embedded digits set: held-out fraction (stratified, fixed seed)"),
