@@ -158,6 +158,9 @@ def run(prog: str, func: Callable[[], Optional[int]]) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the point: no traceback for the user
+        if type(e).__module__.split(".")[0] == "yaml":  # a recipe file or a flag's value
+            print(f"{prog}: error: malformed YAML: {one_line(e)}", file=sys.stderr)
+            return 2
         hint = "" if isinstance(e, (OSError, ValueError, TypeError, RuntimeError)) else " (run with --debug for the traceback)"
         print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
         return 1

@@ -272,7 +272,13 @@ def _flag(name: str) -> str:
 
 def _parser_type(f: Field):
     if f.kind == "dict":
-        return lambda s: coerce(f.name, s)
+        def mapping(s: str) -> Any:
+            try:
+                return coerce(f.name, s)
+            except ValueError as e:  # argparse would print "invalid mapping value"
+                raise argparse.ArgumentTypeError(str(e)) from None
+
+        return mapping
     base = {"int": int, "float": float, "str": str, "floats": float}[f.kind]
     if f.optional:
         return lambda s: None if _is_none(s) else base(s)
