@@ -97,7 +97,7 @@ def _resolve(args: argparse.Namespace):
     cfg = load_recipe(recipe)
     names = {f.name for f in FIELDS}
     for key, value in stored.items():
-        if key in names and key not in ("data", "output", "resume", "device", "val_split", "pretrained"):
+        if key in names and key not in ("data", "output", "resume", "device", "val_split", "val_subset", "pretrained"):
             cfg[key] = coerce(key, value)
     cfg["model"] = model_name
     for name in _EVAL_FIELDS:
