@@ -7,7 +7,7 @@ import torch
 
 from agent_attention import AgentAttention, agent_attention
 from agent_attention.bench import common
-from agent_attention.bench import main as bench_main
+from agent_attention.commands.bench import main as bench_main
 from agent_attention.bench.op import make_inputs, straightforward_agent_attention
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,11 +101,10 @@ def test_bench_dispatch_and_errors(capsys):
     assert "models" in capsys.readouterr().out
     assert bench_main(["nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["op", "--threads", "0"])
-    assert "--threads must be positive" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["op", "--dim", "30", "--heads", "4"])
+    assert bench_main(["op", "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--threads must be positive" in err and len(err.strip().splitlines()) == 1
+    assert bench_main(["op", "--dim", "30", "--heads", "4"]) == 2
 
 
 def test_bench_models_tiny(tmp_path, capsys):
@@ -118,8 +117,7 @@ def test_bench_models_tiny(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 and r["peak_bytes"] > 0 for r in records)
     assert (tmp_path / "models.png").read_bytes()[:8] == PNG_MAGIC
     assert "agent/math" in (tmp_path / "models.md").read_text()
-    with pytest.raises(SystemExit):
-        bench_main(["models", "--models", "agent_nope"])
+    assert bench_main(["models", "--models", "agent_nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from reference_utils import manifest
 
+from agent_attention.commands.convert import main as convert_main
 from agent_attention.models import checkpoints as ck
 from agent_attention.models.checkpoints import (
     IncompatibleCheckpointError,
@@ -295,10 +296,10 @@ def test_save_checkpoint_atomic(tmp_path):
 def test_convert_cli(official_ckpt, tmp_path, capsys):
     path, model, ema = official_ckpt
     out = tmp_path / "out.safetensors"
-    assert ck.main([str(path), str(out)]) == 0
+    assert convert_main([str(path), str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     _assert_same(load_official_checkpoint(Tiny(), out), model)
-    assert ck.main([str(path), str(out), "--key", "state_dict_ema"]) == 0
+    assert convert_main([str(path), str(out), "--key", "state_dict_ema"]) == 0
     _assert_same(load_official_checkpoint(Tiny(), out), ema)
     from safetensors import safe_open
 
@@ -308,7 +309,7 @@ def test_convert_cli(official_ckpt, tmp_path, capsys):
 
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "x": _Evil(tmp_path / "pwned")}, evil)
-    assert ck.main([str(evil), str(tmp_path / "e.safetensors")]) == 1
+    assert convert_main([str(evil), str(tmp_path / "e.safetensors")]) == 1
     assert "refusing" in capsys.readouterr().err
     assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "pwned").exists()
 
@@ -389,11 +390,11 @@ def test_convert_cli_with_model(deit_file, tmp_path, capsys):
 
     path, model = deit_file
     out = tmp_path / "deit.safetensors"
-    assert ck.main([str(path), str(out), "--model", "agent_deit_tiny"]) == 0
+    assert convert_main([str(path), str(out), "--model", "agent_deit_tiny"]) == 0
     written, own = load_file(str(out)), model.state_dict()
     assert set(written) == set(own)  # strict-loadable
     for k, v in own.items():
         assert torch.equal(written[k], v), k
-    assert ck.main([str(path), str(tmp_path / "x.safetensors"), "--model", "agent_pvt_tiny"]) == 1
+    assert convert_main([str(path), str(tmp_path / "x.safetensors"), "--model", "agent_pvt_tiny"]) == 1
     err = capsys.readouterr().err
     assert "does not fit model" in err and "missing keys" in err and not (tmp_path / "x.safetensors").exists()

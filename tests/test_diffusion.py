@@ -335,7 +335,7 @@ def tiny_pipeline(tmp_path):
 def test_cli_side_by_side(tmp_path, capsys):
     from PIL import Image
 
-    from agent_attention.diffusion.cli import main
+    from agent_attention.commands.sd import main
 
     tiny_pipeline(tmp_path).save_pretrained(tmp_path / "model")
     out = tmp_path / "pair.png"

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from agent_attention.train.checkpointing import load_state
-from agent_attention.train.main import train_main
+from agent_attention.commands.train import main as train_main
 
 TINY_MODEL = "{patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2, agent_num: 4}"
 

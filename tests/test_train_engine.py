@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from agent_attention.train.checkpointing import load_state
-from agent_attention.train.main import eval_main, train_main
+from agent_attention.commands.eval import main as eval_main
+from agent_attention.commands.train import main as train_main
 
 TINY_MODEL = "{patch_size: 4, embed_dim: 16, depth: 2, num_heads: 2, agent_num: 4}"
 
@@ -138,12 +139,11 @@ def test_eval_ours_and_official_layout(tmp_path, capsys):
 
 
 def test_eval_clear_errors(tmp_path):
-    with pytest.raises(SystemExit):
-        eval_main(["--checkpoint", str(tmp_path / "missing.pth")])
+    assert eval_main(["--checkpoint", str(tmp_path / "missing.pth")]) == 2  # usage: a missing file
     bad = tmp_path / "bad.pth"
     torch.save({"model": {"head.weight": torch.zeros(3, 3)}}, bad)
     assert eval_main(["--model", "agent_deit_tiny", "--model-kwargs", TINY_MODEL, "--img-size", "8", "--checkpoint",
-                      str(bad), "--no-throughput", "--val-subset", "4"]) == 2
+                      str(bad), "--no-throughput", "--val-subset", "4"]) == 1  # runtime: does not fit
 
 
 def test_plot_curves_from_log(tmp_path):

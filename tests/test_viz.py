@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from agent_attention.models import create_model
-from agent_attention.viz import agent_maps, capture_agent_calls, load_image, main, select_call
+from agent_attention.commands.show import main
+from agent_attention.viz import agent_maps, capture_agent_calls, load_image, select_call
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -98,8 +99,8 @@ def test_show_usage_errors(tmp_path, capsys):
     base = ["--img-size", "64", "--out", str(tmp_path / "x.png")]
     for argv, msg in ((["--block", "9.9"], "not found"), (["--agents", "9"], "out of range"),
                       (["--model", "agent_nope"], "unknown model"), (["--image", "missing.jpg"], "no such file")):
-        with pytest.raises(SystemExit):
-            main(base + argv)
-        assert msg in capsys.readouterr().err
+        assert main(base + argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
     assert main(base + ["--list-blocks"]) == 0
     assert "block4.1.attn" in capsys.readouterr().out

@@ -15,7 +15,6 @@ a trained model (the figure says so).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from .functional import agent_feature_maps
 from ._atomic import atomic_path
 from .layers import AgentAttention, pool_agents, to_2tuple_hw
 
-__all__ = ["AgentCall", "load_image", "capture_agent_calls", "select_call", "agent_maps", "draw", "main"]
+__all__ = ["AgentCall", "load_image", "capture_agent_calls", "select_call", "agent_maps", "draw"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -246,62 +245,3 @@ def draw(image: np.ndarray, maps: Dict[str, object], agents: Sequence[int], titl
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     return path
-
-
-# --------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-attention show", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="agent_pvt_t", help="agent model name (default agent_pvt_t)")
-    p.add_argument("--image", default=None, help="image file (default: scikit-image's 'astronaut' photo)")
-    p.add_argument("--checkpoint", default=None, help="weights to load (official .pth or ours); default random")
-    p.add_argument("--block", default="1.0", help="stage.index (from 1 and 0), module name or number (default 1.0)")
-    p.add_argument("--agents", type=int, nargs="+", default=None, help="agents to draw (default: up to 4 spread out)")
-    p.add_argument("--head", type=int, default=None, help="one head (default: mean over heads)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's, e.g. 224)")
-    p.add_argument("--out", type=Path, default=Path("agents.png"))
-    p.add_argument("--list-blocks", action="store_true", help="print the agent blocks and exit")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _show(args)
-    except ValueError as e:  # bad model / block / agents / image: a usage error, not a crash
-        parser.error(str(e))
-
-
-def _show(args: argparse.Namespace) -> int:
-    from .models import create_model
-
-    model = create_model(args.model, checkpoint_path=args.checkpoint or "")
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = args.img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
-    if size < 16:
-        raise ValueError(f"--img-size must be at least 16, got {size}")
-    if size != cfg.get("input_size", (3, size, size))[-1]:
-        model = create_model(args.model, checkpoint_path=args.checkpoint or "", img_size=size)
-    image = load_image(args.image, size)
-    x = _to_tensor(image, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
-    calls = capture_agent_calls(model, x)
-    if args.list_blocks:
-        for c in calls:
-            print(f"{c.label:>6}  #{c.number:<3} {c.name:<28} grid {c.hw[0]}x{c.hw[1]}  C={c.module.dim} "
-                  f"heads={c.module.num_heads} agents={c.module.agent_num}")
-        return 0
-    call = select_call(calls, args.block)
-    maps = agent_maps(call, args.head)
-    n = maps["agent_to_token"].shape[-1]
-    agents = args.agents if args.agents is not None else sorted({0, n // 3, (2 * n) // 3, n - 1})
-    bad = [a for a in agents if not 0 <= a < n]
-    if bad:
-        raise ValueError(f"--agents {bad} out of range: block {call.name} has {n} agents (0..{n - 1})")
-    weights = f"weights: {Path(args.checkpoint).name}" if args.checkpoint else \
-        "RANDOM weights (no --checkpoint): maps show an untrained model"
-    head = "mean of heads" if args.head is None else f"head {args.head}"
-    title = (f"{args.model}, block {call.label} ({call.name}), token grid {call.hw[0]}×{call.hw[1]}, "
-             f"{n} agents, {head}\n{weights}")
-    path = draw(image, maps, agents, title, args.out)
-    print(f"wrote {path}")
-    return 0

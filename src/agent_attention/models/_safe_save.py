@@ -22,8 +22,8 @@ def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> Path:
 
     A crash or error mid-write leaves any previous file at ``path`` intact and no partial file.
     """
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # through a Python file: a failed write raises OSError (errno: ENOSPC, EFBIG...)
     return Path(path)
 
 

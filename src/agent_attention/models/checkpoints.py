@@ -18,11 +18,9 @@ public name is importable from here.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -34,7 +32,7 @@ from ._safe_save import export_safetensors, save_checkpoint_atomic
 __all__ = [
     "IncompatibleCheckpointError", "UnsafeCheckpointError", "official_safe_globals", "load_checkpoint",
     "load_checkpoint_state", "select_state_dict", "check_state_dict", "prepare_state_dict", "load_official_checkpoint",
-    "export_safetensors", "save_checkpoint_atomic", "main", "unwrap_state_dict", "strip_wrapper_prefixes",
+    "export_safetensors", "save_checkpoint_atomic", "unwrap_state_dict", "strip_wrapper_prefixes",
     "STATE_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES",
 ]
 
@@ -146,41 +144,3 @@ def load_official_checkpoint(
     assign = any(t.is_meta for t in model.state_dict().values())
     model.load_state_dict(state, strict=False, assign=assign)
     return model
-
-
-# --------------------------------------------------------------------------- CLI
-def main(argv: Optional[list] = None) -> int:
-    """``agent-attention convert IN.pth OUT.safetensors [--key K] [--ema] [--model NAME]``."""
-    p = argparse.ArgumentParser(
-        prog="agent-attention convert",
-        description="Convert an official .pth checkpoint to .safetensors (read safely, written atomically).",
-    )
-    p.add_argument("src", help="input checkpoint (.pth/.pt/.bin/.safetensors)")
-    p.add_argument("dst", help="output .safetensors file")
-    p.add_argument("--key", default=None, help="entry holding the weights (default: model, model_ema, state_dict_ema, state_dict, raw)")
-    p.add_argument("--ema", action="store_true", help="prefer the EMA weights (state_dict_ema / model_ema)")
-    p.add_argument("--model", default=None, help="validate against this model (strict load) and store its filtered layout")
-    args = p.parse_args(argv)
-    try:
-        ckpt = load_checkpoint(args.src)
-        state, used = select_state_dict(ckpt, key=args.key, use_ema=args.ema)
-        meta: Dict[str, Any] = {"source": Path(args.src).name, "key": used or "(raw)"}
-        if isinstance(ckpt, Mapping):
-            meta.update({k: ckpt[k] for k in ("epoch", "max_accuracy", "max_accuracy_e") if isinstance(ckpt.get(k), (int, float))})
-        if args.model:
-            from . import create_model  # imports the model families
-
-            model = create_model(args.model)  # real buffers: the filter may copy them into the state
-            state = prepare_state_dict(model, state, strict=True)
-            meta["model"] = args.model
-        export_safetensors(state, args.dst, metadata=meta)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"agent-attention convert: error: {e}", file=sys.stderr)
-        return 1
-    n = sum(t.numel() for t in state.values())
-    print(f"wrote {args.dst}: {len(state)} tensors, {n / 1e6:.2f}M values (entry {meta['key']!r})")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts of the model zoo (``agent-attention models``).
+"""Parameter and FLOP counts of the model zoo (the library behind ``agent-attention models``).
 
 FLOPs follow the convention of the official numbers (fvcore ``FlopCountAnalysis``, batch 1):
 **one multiply-add is one FLOP**. fvcore counts matrix products (``linear``/``addmm``, ``matmul``,
@@ -17,7 +17,6 @@ backend.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -28,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["ModelStats", "count_params", "count_flops", "count_flops_by_op", "model_stats", "collect", "format_rows", "model_table", "main"]
+__all__ = ["ModelStats", "count_params", "count_flops", "count_flops_by_op", "model_stats", "collect", "format_rows", "model_table"]
 
 aten = torch.ops.aten
 
@@ -232,26 +231,3 @@ def format_rows(rows: Iterable[ModelStats], fmt: str = "table", aliases: bool = 
 def model_table(markdown: bool = True, names: str = "official", flops: bool = True, aliases: bool = False) -> str:
     """The README model table: model, input size, params (M), GFLOPs, paper top-1."""
     return format_rows(collect(names, flops=flops), "markdown" if markdown else "table", aliases=aliases)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``agent-attention models [--format table|markdown|csv] [--no-flops] [--names official|all]``."""
-    p = argparse.ArgumentParser(prog="agent-attention models", description=(
-        "List the registered Agent Attention models with parameters, GFLOPs (fvcore convention: one "
-        "multiply-add = one FLOP, batch 1, default input size) and the paper's ImageNet top-1."))
-    p.add_argument("--format", choices=("table", "markdown", "csv"), default="table")
-    p.add_argument("--markdown", action="store_true", help="shorthand for --format markdown")
-    p.add_argument("--no-flops", dest="flops", action="store_false",
-                   help="skip counting GFLOPs (counting takes a few seconds per model)")
-    p.add_argument("--names", choices=("official", "all"), default="official",
-                   help="official: the 18 released models; all: every registered model")
-    p.add_argument("--no-aliases", action="store_true", help="leave out the aliases column")
-    args = p.parse_args(argv)
-    fmt, flops = ("markdown", True) if args.markdown else (args.format, args.flops)
-    rows = collect(args.names, flops=flops, progress=flops and sys.stderr.isatty())
-    print(format_rows(rows, fmt, aliases=not args.no_aliases))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

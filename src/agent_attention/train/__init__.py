@@ -4,7 +4,7 @@
     >>> cfg = load_recipe("digits", {"epochs": 1})          # doctest: +SKIP
     >>> summary = train(cfg)                                # doctest: +SKIP
 
-Command line: ``agent-attention train`` / ``agent-attention eval`` (see :mod:`.main`).
+Command line: ``agent-attention train`` / ``agent-attention eval`` (:mod:`agent_attention.commands`).
 """
 from importlib import import_module
 
@@ -15,7 +15,7 @@ _LAZY = {
     "evaluate": ".evaluation", "throughput": ".evaluation", "build_model": ".evaluation",
     "DigitsDataset": ".data", "build_loaders": ".data",
     "param_groups": ".optim", "build_optimizer": ".optim", "build_scheduler": ".optim",
-    "plot_curves": ".report", "train_main": ".main", "eval_main": ".main",
+    "plot_curves": ".report",
 }
 
 __all__ = ["Config", "list_recipes", "load_recipe", *_LAZY]

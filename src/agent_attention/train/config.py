@@ -70,6 +70,7 @@ FIELDS: List[Field] = [
     _f("eval_batch_size", None, "int", "evaluation batch size per process (default: batch_size)", True),
     _f("num_workers", 8, "int", "data loader worker processes"),
     _f("pin_memory", True, "bool", "pin host memory (CUDA only)"),
+    _f("skip_bad_images", False, "bool", "log and skip unreadable image files (default: stop, naming the file)"),
     _f("train_subset", None, "int", "use only the first N training samples (smoke tests)", True),
     _f("val_subset", None, "int", "use only the first N validation samples", True),
     _f("val_fraction", 0.2, "float", "embedded digits set: held-out fraction (stratified, fixed seed)"),
@@ -283,7 +284,13 @@ def _flag(name: str) -> str:
 
 def _parser_type(f: Field):
     if f.kind == "dict":
-        return lambda s: coerce(f.name, s)
+        def mapping(s: str) -> Any:
+            try:
+                return coerce(f.name, s)
+            except ValueError as e:  # argparse would print "invalid mapping value"
+                raise argparse.ArgumentTypeError(str(e)) from None
+
+        return mapping
     base = {"int": int, "float": float, "str": str, "floats": float}[f.kind]
     if f.optional:
         return lambda s: None if _is_none(s) else base(s)

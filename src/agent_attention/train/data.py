@@ -23,8 +23,25 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 __all__ = [
     "DigitsDataset", "SeededTransformDataset", "ResumableSampler", "ShardSampler", "seeded_rng",
-    "build_transforms", "build_datasets", "build_loaders", "Loaders",
+    "build_transforms", "build_datasets", "build_loaders", "Loaders", "UnreadableImageError", "read_image",
 ]
+
+
+# ------------------------------------------------------------------------------- image files
+class UnreadableImageError(ValueError):
+    """An image file that PIL cannot decode (truncated, not an image); the message names the file."""
+
+
+def read_image(path: str) -> Image.Image:
+    """Decode ``path`` fully as RGB (ImageFolder's loader); :class:`UnreadableImageError` naming the
+    file if it is truncated or not an image."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now: a truncated file fails here, not deep inside a transform
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImageError(f"cannot read image {path}: {e} (--skip-bad-images skips unreadable files)") from None
 
 
 # ------------------------------------------------------------------------------------- datasets
@@ -95,8 +112,9 @@ class SeededTransformDataset(Dataset):
     creating the epoch's iterator (workers copy the dataset when the iterator starts).
     """
 
-    def __init__(self, base: Dataset, transform: Optional[Callable], seed: int = 0):
+    def __init__(self, base: Dataset, transform: Optional[Callable], seed: int = 0, skip_bad_images: bool = False):
         self.base, self.transform, self.seed, self.epoch = base, transform, int(seed), 0
+        self.skip_bad_images = bool(skip_bad_images)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -104,12 +122,36 @@ class SeededTransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def _load(self, i: int):
+        """``base[i]``; with ``skip_bad_images`` an unreadable file is logged and replaced by the next
+        readable sample (deterministic, and the batch keeps its size)."""
+        if not self.skip_bad_images:
+            return self.base[i]
+        n = len(self.base)
+        for step in range(n):
+            try:
+                return self.base[(i + step) % n]
+            except UnreadableImageError as e:
+                _warn_once(str(e).split(" (--skip-bad-images")[0])
+        raise UnreadableImageError(f"no readable image among the {n} samples")
+
     def __getitem__(self, i: int):
-        img, target = self.base[i]
+        img, target = self._load(i)
         if self.transform is not None:
             with seeded_rng(mix_seed(self.seed, self.epoch, int(i))):
                 img = self.transform(img)
         return img, target
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import sys
+
+        print(f"warning: skipped: {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------- samplers
@@ -167,30 +209,33 @@ def build_transforms(cfg, is_training: bool) -> Callable:
 
 
 # ------------------------------------------------------------------------------------ datasets
-def build_datasets(cfg) -> Tuple[Dataset, Dataset, int, str]:
-    """Untransformed (train, val) datasets, the class count and a description."""
+def build_datasets(cfg, train: bool = True) -> Tuple[Optional[Dataset], Dataset, int, str]:
+    """Untransformed (train, val) datasets, the class count and a description. ``train=False``
+    (evaluation): only the ``val_split`` folder is needed and the train dataset is None."""
     if cfg.data:
         from torchvision.datasets import ImageFolder
 
         root = Path(cfg.data)
+        if not root.is_dir():
+            raise ValueError(f"--data {root}: no such directory")
         parts = []
-        for split in (cfg.train_split, cfg.val_split):
+        for split in (cfg.train_split, cfg.val_split) if train else (cfg.val_split,):
             if not (root / split).is_dir():
                 raise ValueError(f"--data {root}: expected an ImageFolder tree with {split}/<class>/<images>")
-            parts.append(ImageFolder(str(root / split)))
-        train, val = parts
-        if train.classes != val.classes:
-            raise ValueError(f"--data {root}: train and val have different class folders")
-        num_classes, desc = len(train.classes), f"ImageFolder {root}"
+            parts.append(ImageFolder(str(root / split), loader=read_image))
+        train_set, val = parts if train else (None, parts[0])
+        if train_set is not None and train_set.classes != val.classes:
+            raise ValueError(f"--data {root}: {cfg.train_split} and {cfg.val_split} have different class folders")
+        num_classes, desc = len(val.classes), f"ImageFolder {root / cfg.val_split if not train else root}"
     else:
-        train = DigitsDataset("train", val_fraction=cfg.val_fraction)
+        train_set = DigitsDataset("train", val_fraction=cfg.val_fraction) if train else None
         val = DigitsDataset("val", val_fraction=cfg.val_fraction)
         num_classes, desc = 10, "embedded digits (scikit-learn, 8x8 resized)"
-    if cfg.train_subset:
-        train = Subset(train, range(min(cfg.train_subset, len(train))))
+    if cfg.train_subset and train_set is not None:
+        train_set = Subset(train_set, range(min(cfg.train_subset, len(train_set))))
     if cfg.val_subset:
         val = Subset(val, range(min(cfg.val_subset, len(val))))
-    return train, val, num_classes, desc
+    return train_set, val, num_classes, desc
 
 
 @dataclass
@@ -217,13 +262,14 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, device: Optional[torc
     """Train loader (seeded per-sample augmentation, distributed + resumable sampler, ``drop_last``)
     and val loader (sharded without padding)."""
     device = device or torch.device("cpu")
-    train_base, val_base, num_classes, desc = build_datasets(cfg)
-    val_set = SeededTransformDataset(val_base, build_transforms(cfg, False), cfg.seed)
+    train_base, val_base, num_classes, desc = build_datasets(cfg, train=train)
+    skip = bool(getattr(cfg, "skip_bad_images", False))
+    val_set = SeededTransformDataset(val_base, build_transforms(cfg, False), cfg.seed, skip_bad_images=skip)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     val_loader = _loader(val_set, ShardSampler(len(val_set), rank, world_size), eval_bs, cfg, device, False, cfg.seed)
     if not train:
         return Loaders(None, val_loader, None, None, num_classes, desc)
-    train_set = SeededTransformDataset(train_base, build_transforms(cfg, True), cfg.seed)
+    train_set = SeededTransformDataset(train_base, build_transforms(cfg, True), cfg.seed, skip_bad_images=skip)
     if cfg.repeated_aug and cfg.repeated_aug > 1:
         from timm.data.distributed_sampler import RepeatAugSampler
 

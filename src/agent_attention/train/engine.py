@@ -329,10 +329,12 @@ class Trainer:
 
     def validate(self) -> Dict[str, float]:
         row = {}
-        res = evaluate(self.model, self.loaders.val, self.dist.device, self.amp_dtype)
+        bar = self.cfg.progress and self.dist.is_main
+        res = evaluate(self.model, self.loaders.val, self.dist.device, self.amp_dtype, progress=bar)
         row.update(val_loss=res["loss"], val_top1=res["top1"], val_top5=res["top5"])
         if self.ema is not None:
-            res = evaluate(self.ema.module, self.loaders.val, self.dist.device, self.amp_dtype)
+            res = evaluate(self.ema.module, self.loaders.val, self.dist.device, self.amp_dtype, progress=bar,
+                           desc="val (EMA)")
             row.update(ema_val_loss=res["loss"], ema_val_top1=res["top1"], ema_val_top5=res["top5"])
         return row
 

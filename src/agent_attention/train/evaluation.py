@@ -14,16 +14,21 @@ from .distributed import all_reduce_sum
 __all__ = ["build_model", "amp_dtype", "autocast", "evaluate", "throughput"]
 
 
-def build_model(name: str, num_classes: int, *, img_size: Optional[int] = None, drop_path: Optional[float] = None,
-                model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+def build_model(name: str, num_classes: Optional[int], *, img_size: Optional[int] = None,
+                drop_path: Optional[float] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                pretrained: bool = False) -> nn.Module:
     """An agent model by official name / alias, or any timm model. ``model_kwargs`` win over the
-    other arguments (e.g. a recipe's ``model_kwargs: {img_size: 24}``)."""
+    other arguments (e.g. a recipe's ``model_kwargs: {img_size: 24}``); ``num_classes=None`` keeps
+    the model's default head; ``pretrained`` loads the released weights (``timm.create_model``)."""
     import timm
 
     from ..models import create_model, list_models
 
     kwargs = dict(model_kwargs or {})
-    kwargs.setdefault("num_classes", num_classes)
+    if num_classes is not None:
+        kwargs.setdefault("num_classes", num_classes)
+    if pretrained:
+        kwargs["pretrained"] = True
     if drop_path is not None:
         kwargs.setdefault("drop_path_rate", drop_path)
     if name in list_models():
@@ -64,11 +69,18 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (%) over the loader, summed exactly across ranks (each rank a shard)."""
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[torch.dtype] = None, *,
+             progress: bool = False, desc: str = "val") -> Dict[str, float]:
+    """Loss, top-1 and top-5 (%) over the loader, summed exactly across ranks (each rank a shard).
+
+    ``progress``: a tqdm bar on interactive terminals (none when stderr is not a TTY: logs stay clean).
+    """
+    from .report import progress_bar
+
     was_training = model.training
     model.eval()
     loss_sum = c1 = c5 = n = 0.0
+    bar = progress_bar(len(loader), desc, progress)
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -82,6 +94,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[tor
         c1 += hit[:, 0].sum().item()
         c5 += hit.any(dim=1).sum().item()
         n += targets.numel()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     loss_sum, c1, c5, n = all_reduce_sum([loss_sum, c1, c5, n], device)
     model.train(was_training)
     if n == 0:

@@ -10,31 +10,33 @@ The model directory is loaded with ``DiffusionPipeline.from_pretrained(path, loc
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
 from .._atomic import atomic_path
+from ._dispatch import UsageError, command, usage_errors
 
 __all__ = ["main", "build_parser", "side_by_side"]
+
+PROG = "agent-attention sd"
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-attention sd", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", "'"))
     p.add_argument("--model", required=True, help="local diffusers pipeline directory (model_index.json)")
     p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None, help="negative text prompt (default: none)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--switch-step", type=int, default=None,
                    help="step where the schedule switches to its second phase (default: 40%% of --steps, 20 of 50)")
     p.add_argument("--no-schedule", action="store_true", help="keep the first-phase settings for every step")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same for both images)")
     p.add_argument("--ratio", type=float, default=0.4, help="token merging ratio (both phases)")
     p.add_argument("--agent-ratio", type=float, default=0.95, help="agent merging ratio of the first phase")
@@ -73,20 +75,21 @@ def _save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+@command(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
-        print(f"agent-attention sd: {model} is not a local diffusers pipeline directory (no model_index.json)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--model {model} is not a local diffusers pipeline directory (no model_index.json)")
     if args.steps < 1:
-        print("agent-attention sd: --steps must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a directory; give a .png file name")
 
     import torch
     from diffusers import DiffusionPipeline
 
-    from .patch import PAPER_LATE, AgentSDSchedule, apply_agentsd, remove_agentsd
+    from ..diffusion.patch import PAPER_LATE, AgentSDSchedule, apply_agentsd, remove_agentsd
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -95,8 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=dtype).to(device)
     if getattr(pipe, "unet", None) is None:
-        print(f"agent-attention sd: {type(pipe).__name__} has no UNet; AgentSD patches UNet self-attention", file=sys.stderr)
-        return 2
+        raise UsageError(f"{type(pipe).__name__} has no UNet; AgentSD patches UNet self-attention")
     pipe.set_progress_bar_config(disable=True)
 
     precision = None if args.attn_precision == "auto" else args.attn_precision
@@ -105,11 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.no_schedule:
         switch = args.steps
     late = dict(PAPER_LATE, ratio=args.ratio, agent_ratio=args.late_agent_ratio)
-    try:
+    with usage_errors():
         schedule = AgentSDSchedule(switch_step=switch, early=early, late=late)
-    except (TypeError, ValueError) as err:
-        print(f"agent-attention sd: {err}", file=sys.stderr)
-        return 2
 
     def generate(steps: int, callback=None):
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -143,7 +142,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"AgentSD attention calls: {dict(state.calls)}")
     print(f"saved {out}")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
