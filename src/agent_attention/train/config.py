@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import yaml
 
 __all__ = [
-    "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "load_recipe",
+    "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "read_recipe", "load_recipe",
     "add_config_args", "config_from_args", "coerce", "apply_override", "lr_scale",
 ]
 
@@ -27,7 +27,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @dataclass(frozen=True)
 class Field:
-    """One recipe field. ``kind``: int, float, str, bool, floats (list), dict; ``optional``: may be None."""
+    """One recipe field. ``kind``: int, float, str, bool, floats / strs (lists), dict; ``optional``: may be None."""
 
     name: str
     default: Any
@@ -136,21 +136,24 @@ class Config(dict):
         self[name] = value
 
 
-def defaults() -> Config:
-    return Config({f.name: json.loads(json.dumps(f.default)) for f in FIELDS})
+def defaults(fields: Optional[Sequence[Field]] = None) -> Config:
+    """The default value of every field of ``fields`` (default: the classification :data:`FIELDS`)."""
+    return Config({f.name: json.loads(json.dumps(f.default)) for f in (FIELDS if fields is None else fields)})
 
 
 def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Check and convert ``value`` for field ``name``; ValueError naming the field otherwise."""
-    f = _BY_NAME.get(name)
+def coerce(name: str, value: Any, fields: Optional[Sequence[Field]] = None) -> Any:
+    """Check and convert ``value`` for field ``name`` of ``fields`` (default: :data:`FIELDS`);
+    ValueError naming the field otherwise."""
+    by_name = _BY_NAME if fields is None else {f.name: f for f in fields}
+    f = by_name.get(name)
     if f is None:
         import difflib
 
-        close = difflib.get_close_matches(name, _BY_NAME, n=3)
+        close = difflib.get_close_matches(name, by_name, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown recipe field {name!r}{hint}")
     if f.optional and _is_none(value) and not (f.kind == "str" and value == ""):
@@ -180,9 +183,17 @@ def coerce(name: str, value: Any) -> Any:
         if f.kind == "floats":
             if isinstance(value, str):
                 value = yaml.safe_load(value)
+            if isinstance(value, str):  # "8,11"
+                value = [v for v in value.split(",") if v.strip()]
             if isinstance(value, (int, float)):
                 value = [value]
             return [float(v) for v in value]
+        if f.kind == "strs":
+            if isinstance(value, str):  # "norm,an_bias"
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
         if f.kind == "dict":
             if isinstance(value, str):
                 value = yaml.safe_load(value) or {}
@@ -199,17 +210,18 @@ def coerce(name: str, value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ recipes
-def _recipe_dir() -> Path:
-    return Path(str(resources.files("agent_attention.train") / "recipes"))
+def _recipe_dir(folder: Optional[Path] = None) -> Path:
+    return Path(str(resources.files("agent_attention.train") / "recipes")) if folder is None else Path(folder)
 
 
-def list_recipes() -> List[str]:
-    """Names of the bundled recipes (``digits`` and one per official variant)."""
-    return sorted(p.stem for p in _recipe_dir().glob("*.yaml"))
+def list_recipes(folder: Optional[Path] = None) -> List[str]:
+    """Names of the bundled recipes of ``folder`` (default: the classification recipes, ``digits``
+    and one per official variant); files starting with ``_`` are bases, not recipes."""
+    return sorted(p.stem for p in _recipe_dir(folder).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def recipe_path(name_or_path: str) -> Path:
-    """A bundled recipe by name (official name or short alias) or a yaml file path."""
+def recipe_path(name_or_path: str, folder: Optional[Path] = None) -> Path:
+    """A bundled recipe of ``folder`` by name (official name or short alias) or a yaml file path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
@@ -217,34 +229,53 @@ def recipe_path(name_or_path: str) -> Path:
     from ..models.registry import ALIASES
 
     name = ALIASES.get(name, name)
-    candidate = _recipe_dir() / f"{name}.yaml"
+    candidate = _recipe_dir(folder) / f"{name}.yaml"
     if candidate.is_file():
         return candidate
     import difflib
 
-    close = difflib.get_close_matches(name, list_recipes(), n=3)
+    names = list_recipes(folder)
+    close = difflib.get_close_matches(name, names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown recipe {name_or_path!r}{hint} (bundled: {', '.join(list_recipes())})")
+    raise ValueError(f"unknown recipe {name_or_path!r}{hint} (bundled: {', '.join(names)})")
 
 
-def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """Defaults <- recipe yaml <- ``overrides`` (field -> value), all values checked."""
-    path = recipe_path(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+def read_recipe(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """The raw mapping of a recipe yaml, meta keys dropped; ``base: NAME`` first reads ``NAME.yaml``
+    of the same folder (a ``_``-prefixed shared part) and lets this file override it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid yaml: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
-    cfg = defaults()
-    for key, value in data.items():
-        if key in _META_KEYS:
-            continue
-        cfg[key] = coerce(key, value)
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = path.parent / f"{base}.yaml"
+        if not base_path.is_file() or base_path.resolve() in _seen:
+            raise ValueError(f"recipe {path}: base {base!r} is not a yaml file of {path.parent} (or is a cycle)")
+        data = {**read_recipe(base_path, (*_seen, path.resolve())), **data}
+    return {k: v for k, v in data.items() if k not in _META_KEYS}
+
+
+def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]] = None, *,
+                fields: Optional[Sequence[Field]] = None, folder: Optional[Path] = None) -> Config:
+    """Defaults <- recipe yaml <- ``overrides`` (field -> value), all values checked.
+
+    ``fields`` / ``folder``: another family of recipes (default: the classification :data:`FIELDS`
+    and the bundled ``train/recipes``), e.g. the dense recipes of ``agent_attention.dense.recipes``."""
+    path = recipe_path(name_or_path, folder)
+    cfg = defaults(fields)
+    for key, value in read_recipe(path).items():
+        cfg[key] = coerce(key, value, fields)
     cfg["recipe"] = path.stem
     for key, value in (overrides or {}).items():
-        apply_override(cfg, key, value)
+        apply_override(cfg, key, value, fields)
     return cfg
 
 
-def apply_override(cfg: Config, key: str, value: Any) -> None:
+def apply_override(cfg: Config, key: str, value: Any, fields: Optional[Sequence[Field]] = None) -> None:
     """Set field ``key`` (or ``model_kwargs.<name>``, merged into the mapping) from ``value``."""
     if key.startswith("model_kwargs."):
         sub = key[len("model_kwargs."):]
@@ -252,9 +283,9 @@ def apply_override(cfg: Config, key: str, value: Any) -> None:
             raise ValueError("--set model_kwargs.<name>=<value> needs a name")
         cfg["model_kwargs"] = {**cfg["model_kwargs"], sub: yaml.safe_load(value) if isinstance(value, str) else value}
     elif key == "model_kwargs":
-        cfg["model_kwargs"] = {**cfg["model_kwargs"], **coerce(key, value)}
+        cfg["model_kwargs"] = {**cfg["model_kwargs"], **coerce(key, value, fields)}
     else:
-        cfg[key] = coerce(key, value)
+        cfg[key] = coerce(key, value, fields)
 
 
 def lr_scale(cfg: Config, world_size: int) -> float:
