@@ -144,5 +144,7 @@ def test_cli_bad_recipe_values_are_one_line_errors(tmp_path):
     bad.write_text("epochs: [1\n")
     with pytest.raises(ValueError, match="is not valid yaml"):
         train_det_main(["--preset", str(bad)])
-    with pytest.raises(ValueError, match="epochs must be positive"):
+    with pytest.raises(ValueError, match="'epochs' must be >= 1, got 0"):
         _cli(train_det_main, tmp_path / "x", "--epochs", "0", "--no-eval-init")
+    with pytest.raises(ValueError, match="'clip_grad' must be > 0"):
+        _cli(train_det_main, tmp_path / "x", "--epochs", "1", "--clip-grad", "-1", "--no-eval-init")

@@ -65,7 +65,9 @@ def build_parser(prog: str, description: str, task: str, fields: Sequence[Field]
         if f.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif f.kind == "dict":
-            kw["type"] = _json_object
+            kw.update(type=_json_object, metavar="JSON")
+        elif f.kind in ("floats", "strs"):
+            kw["metavar"] = "A,B,..."
         elif f.kind in ("int", "float"):
             base = {"int": int, "float": float}[f.kind]
             kw["type"] = _optional(base) if f.optional else base
@@ -104,6 +106,19 @@ def parse(p: argparse.ArgumentParser, task: str, fields: Sequence[Field], argv: 
     return run
 
 
+def _check_ranges(args) -> None:
+    """Values that would train silently wrong (a negative clip flips the gradients) are refused."""
+    checks = [("lr", args.lr > 0, "> 0"), ("batch_size", args.batch_size >= 1, ">= 1"),
+              ("weight_decay", args.weight_decay >= 0, ">= 0"), ("warmup_iters", args.warmup_iters >= 0, ">= 0"),
+              ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+              ("clip_grad", args.clip_grad is None or args.clip_grad > 0, "> 0 (or none)")]
+    checks += [(name, getattr(args, name) >= 1, ">= 1") for name in ("epochs", "iters", "eval_interval")
+               if hasattr(args, name)]
+    for name, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"recipe field {name!r} must be {rule}, got {getattr(args, name)!r}")
+
+
 def run(args, model, train_set, collate, loss_fn, evaluate, steps, eval_every, scheduler_kw, key) -> int:
     """``--eval-only``: evaluate and print the metrics; else train and print the final metric."""
     from .._atomic import json_safe
@@ -120,8 +135,7 @@ def run(args, model, train_set, collate, loss_fn, evaluate, steps, eval_every, s
         print(json.dumps(json_safe({k: v for k, v in metrics.items() if not isinstance(v, dict)}), indent=2))
         print(f"evaluated in {time.time() - t0:.1f}s")
         return 0
-    if args.lr <= 0:
-        raise ValueError(f"learning rate must be positive, got {args.lr}")
+    _check_ranges(args)
     opt = build_optimizer(model, args.lr, args.weight_decay, no_decay_1d=False, model_no_decay=args.model_no_decay,
                           no_decay_keys=tuple(args.no_decay))
     scheduler = build_dense_scheduler(opt, total_steps=steps, warmup_iters=args.warmup_iters,

@@ -65,8 +65,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     def evaluate(m):
         return evaluate_detection(m, val_loader, coco_gt, device, label_to_cat, iou_types, progress=not args.no_progress)
 
-    if args.epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {args.epochs}")
     per_epoch = max(1, len(train_set) // args.batch_size)
     steps = args.epochs * per_epoch
     milestones = [round(float(e) * per_epoch) for e in args.milestones]

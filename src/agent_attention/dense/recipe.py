@@ -55,7 +55,7 @@ DET_FIELDS: List[Field] = COMMON_FIELDS + [
 ]
 
 SEG_FIELDS: List[Field] = COMMON_FIELDS + [
-    _f("head", "fpn", "str", "segmentation decoder (smp)", choices=("fpn", "upernet")),
+    _f("head", "fpn", "str", "segmentation decoder: Semantic FPN or UperNet", choices=("fpn", "upernet")),
     _f("iters", 1000, "int", "training iterations"),
     _f("eval_interval", 250, "int", "evaluate (and write last.pth) every N iterations"),
     _f("poly_power", 0.9, "float", "power of the poly lr decay"),
