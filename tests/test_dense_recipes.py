@@ -134,6 +134,12 @@ def test_base_recipe_and_yaml_files(tmp_path):
     own.write_text("detector: retinanet\nepochs: 2\nmilestones: [1.5]\nmodel_kwargs: {depths: [1, 1, 1, 1]}\n")
     cfg = load_dense_recipe("det", str(own), {"milestones": "0.5,1.5", "no_decay": "norm,an_bias"})
     assert cfg.detector == "retinanet" and cfg.milestones == [0.5, 1.5] and cfg.no_decay == ["norm", "an_bias"]
+    own.write_text("base: _coco\ndetector: retinanet\nbackbone: agent_pvt_s\nlr: 1.0e-4\n")  # a bundled base
+    cfg = load_dense_recipe("det", str(own))
+    assert cfg.epochs == 12 and cfg.min_size == 800 and cfg.backbone == "agent_pvt_s" and cfg.recipe == "mine"
+    own.write_text("base: _nothing\n")
+    with pytest.raises(ValueError, match="base '_nothing' is not a yaml file"):
+        load_dense_recipe("det", str(own))
     with pytest.raises(ValueError, match="must be one of"):
         load_dense_recipe("det", "shapes", {"detector": "yolo"})
     assert {f.name for f in DET_FIELDS} >= {"detector", "milestones", "no_decay", "model_no_decay"}

@@ -240,9 +240,10 @@ def recipe_path(name_or_path: str, folder: Optional[Path] = None) -> Path:
     raise ValueError(f"unknown recipe {name_or_path!r}{hint} (bundled: {', '.join(names)})")
 
 
-def read_recipe(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+def read_recipe(path: Path, folder: Optional[Path] = None, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
     """The raw mapping of a recipe yaml, meta keys dropped; ``base: NAME`` first reads ``NAME.yaml``
-    of the same folder (a ``_``-prefixed shared part) and lets this file override it."""
+    (a ``_``-prefixed shared part) of the file's folder, else of ``folder`` (the bundled recipes),
+    and lets this file override it."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -252,10 +253,12 @@ def read_recipe(path: Path, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
         raise ValueError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is not None:
-        base_path = path.parent / f"{base}.yaml"
-        if not base_path.is_file() or base_path.resolve() in _seen:
-            raise ValueError(f"recipe {path}: base {base!r} is not a yaml file of {path.parent} (or is a cycle)")
-        data = {**read_recipe(base_path, (*_seen, path.resolve())), **data}
+        candidates = [path.parent / f"{base}.yaml", _recipe_dir(folder) / f"{base}.yaml"]
+        base_path = next((c for c in candidates if c.is_file()), None)
+        if base_path is None or base_path.resolve() in _seen:
+            raise ValueError(f"recipe {path}: base {base!r} is not a yaml file of {path.parent} or of the "
+                             f"bundled recipes (or is a cycle)")
+        data = {**read_recipe(base_path, folder, (*_seen, path.resolve())), **data}
     return {k: v for k, v in data.items() if k not in _META_KEYS}
 
 
@@ -267,7 +270,7 @@ def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]
     and the bundled ``train/recipes``), e.g. the dense recipes of ``agent_attention.dense.recipes``."""
     path = recipe_path(name_or_path, folder)
     cfg = defaults(fields)
-    for key, value in read_recipe(path).items():
+    for key, value in read_recipe(path, folder).items():
         cfg[key] = coerce(key, value, fields)
     cfg["recipe"] = path.stem
     for key, value in (overrides or {}).items():
