@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .data import IGNORE_INDEX
 from .._atomic import json_safe, write_json
-from ..train.data import ResumableSampler
+from ..train.data import ResumableSampler, mix_seed, seeded_rng
 from .metrics import coco_evaluate, confusion_matrix, detections_to_coco, segmentation_scores
 
 # --------------------------------------------------------------------------- losses
@@ -136,6 +136,26 @@ def train_sampler(n: int, seed: int) -> ResumableSampler:
     return ResumableSampler(DistributedSampler(_Indices(), num_replicas=1, rank=0, shuffle=True, seed=seed * 100003))
 
 
+class EpochSeeded(Dataset):
+    """``base[i]`` drawn with the Python / numpy / torch RNGs seeded by ``(seed, epoch, i)`` (the
+    classification rule of :class:`~agent_attention.train.data.SeededTransformDataset`): the random
+    flips / crops of the dense data sets are the same in every run, with any worker count, and after
+    a mid-epoch resume. Call :meth:`set_epoch` before creating the epoch's loader."""
+
+    def __init__(self, base: Dataset, seed: int = 0):
+        self.base, self.seed, self.epoch = base, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        with seeded_rng(mix_seed(self.seed, self.epoch, int(i))):
+            return self.base[i]
+
+
 def _append_jsonl(path: Path, entry: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
@@ -157,6 +177,7 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sampler = train_sampler(len(train_set), cfg.seed)
+    train_set = EpochSeeded(train_set, cfg.seed)
     drop_last = len(train_set) >= cfg.batch_size
     steps_per_epoch = len(train_set) // cfg.batch_size if drop_last else 1
     eval_every = cfg.eval_every or steps_per_epoch
@@ -188,6 +209,7 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
     while step < cfg.total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, offset * cfg.batch_size)
+        train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=cfg.num_workers, drop_last=drop_last,
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
