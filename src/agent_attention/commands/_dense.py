@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from ..train.config import Config, Field
+from ..train.config import Config, Field, overrides_from_args
 
 #: recipe fields that are per-family / per-head tables: set them in a yaml recipe (or with --set)
 TABLE_FIELDS = ("family_kwargs", "drop_path_rates", "detector_defaults")
@@ -88,16 +88,7 @@ def parse(p: argparse.ArgumentParser, task: str, fields: Sequence[Field], argv: 
     preset = args.preset or ("shapes" if args.data is None else None)
     if preset is None:
         p.error(f"--data needs a --preset (one of {', '.join(r for r in dense_recipes(task) if r != 'shapes')})")
-    overrides: Dict[str, Any] = {}
-    for item in args.set_:
-        if "=" not in item:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = value
-    for f in fields:
-        if hasattr(args, f.name):
-            overrides[f.name] = getattr(args, f.name)
-    cfg: Config = load_dense_recipe(task, preset, overrides)
+    cfg: Config = load_dense_recipe(task, preset, overrides_from_args(args, fields))
     run = argparse.Namespace(**{**vars(args), **cfg})
     run.preset = cfg["recipe"]
     if run.threads:

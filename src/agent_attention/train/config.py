@@ -18,7 +18,7 @@ import yaml
 
 __all__ = [
     "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "read_recipe", "load_recipe",
-    "add_config_args", "config_from_args", "coerce", "apply_override", "lr_scale",
+    "add_config_args", "config_from_args", "overrides_from_args", "coerce", "apply_override", "lr_scale",
 ]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -336,15 +336,20 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -
         group.add_argument(*names, **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Recipe named by ``args.recipe`` <- ``--set`` items <- explicit field flags."""
+def overrides_from_args(args: argparse.Namespace, fields: Optional[Sequence[Field]] = None) -> Dict[str, Any]:
+    """``--set`` items (``args.set_``) <- explicit field flags (attributes named as ``fields``)."""
     overrides: Dict[str, Any] = {}
     for item in getattr(args, "set_", []) or []:
         if "=" not in item:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value
-    for f in FIELDS:
+    for f in FIELDS if fields is None else fields:
         if hasattr(args, f.name):
             overrides[f.name] = getattr(args, f.name)
-    return load_recipe(args.recipe, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Recipe named by ``args.recipe`` <- ``--set`` items <- explicit field flags."""
+    return load_recipe(args.recipe, overrides_from_args(args))
