@@ -166,8 +166,9 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
           resume: Optional[str] = None, run_config: Optional[dict] = None) -> Dict[str, object]:
     """Train for ``cfg.total_steps`` iterations with periodic evaluation; returns the final summary.
 
-    ``scheduler``: a timm scheduler stepped per iteration (``step_update(step)`` before each step),
-    e.g. :func:`agent_attention.train.optim.build_dense_scheduler`.
+    ``scheduler``: stepped per iteration (``step_update(step)`` before each step), with the base lrs
+    in ``lr_base`` (saved in and restored from the checkpoint): the timm-based schedulers of
+    :func:`agent_attention.train.optim.build_dense_scheduler`.
     ``resume``: a checkpoint path or ``"auto"`` (``<out_dir>/last.pth`` if present). The summary
     (also written to ``<out_dir>/metrics.json``) holds ``init`` (the untrained model's metrics),
     ``final``, ``best``, ``history`` and the wall time.
