@@ -1,4 +1,6 @@
-"""Dense training: a few optimiser steps reduce the loss; schedules; the CLI end to end with resume."""
+"""Dense training: a few optimiser steps reduce the loss; the CLI end to end with resume.
+
+Recipes, parameter groups, schedules and the sampler against the former code: test_dense_recipes.py."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,8 @@ import torch
 
 from agent_attention.dense import build_detector, build_segmenter
 from agent_attention.dense.data import ShapesDetection, ShapesSegmentation, detection_collate, segmentation_collate
-from agent_attention.dense.engine import SWIN_NO_DECAY, Schedule, build_optimizer, detection_loss, segmentation_loss
+from agent_attention.dense.engine import detection_loss, segmentation_loss
+from agent_attention.train.optim import build_optimizer
 
 PVT = dict(img_size=64, embed_dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2],
            agent_num=[4, 9, 4, 4])
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _steps(model, batch, loss_fn, n=6, lr=2e-3):
-    opt = build_optimizer(model, lr, 1e-4)
+    opt = build_optimizer(model, lr, 1e-4, no_decay_1d=False, model_no_decay=False)
     model.train()
     losses = []
     for _ in range(n):
@@ -53,38 +56,24 @@ def test_detector_steps_reduce_loss(kind):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_schedules():
-    s = Schedule(100, "step", warmup_steps=10, warmup_ratio=0.001, milestones=[60, 90])
-    assert s.factor(0) == pytest.approx(0.001) and s.factor(5) == pytest.approx(0.001 + 0.5 * 0.999)
-    assert s.factor(10) == 1.0 and s.factor(60) == pytest.approx(0.1) and s.factor(95) == pytest.approx(0.01)
-    p = Schedule(100, "poly", power=1.0)
-    assert p.factor(0) == 1.0 and p.factor(50) == pytest.approx(0.5) and p.factor(100) == 0.0
-    with pytest.raises(ValueError, match="kind"):
-        Schedule(10, "cosine")
-
-
-def test_no_decay_groups():
-    model = build_segmenter("fpn", "agent_swin_tiny", 3, decoder_channels=32, segmentation_channels=32,
-                            backbone_kwargs=dict(img_size=64, embed_dim=16, depths=[1, 1, 1, 2], num_heads=[1, 2, 2, 4],
-                                                 agent_num=4))
-    opt = build_optimizer(model, 1e-4, 0.05, SWIN_NO_DECAY)
-    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
-    names = {n for n, p in model.named_parameters() if id(p) in no_decay}
-    assert any("an_bias" in n for n in names) and any("relative_position_bias_table" in n for n in names)
-    assert any(n.startswith("backbone.norm0") for n in names)
-    assert not any(n.endswith("qkv.weight") for n in names) and opt.param_groups[1]["weight_decay"] == 0.0
-
-
 def _cli(main, out, *extra):
     return main(["--output", str(out), "--num-train", "4", "--num-val", "4", "--image-size", "64", "--batch-size", "2",
                  "--model-kwargs", MODEL_KWARGS, "--no-progress", *extra])
 
 
-def test_train_det_cli_resume_and_eval(tmp_path):
-    from agent_attention.dense.main import train_det_main
+def _strict_json_lines(path):
+    def no_constant(name):
+        raise AssertionError(f"{path} holds a bare {name}")
+
+    return [json.loads(line, parse_constant=no_constant) for line in path.read_text().splitlines()]
+
+
+def test_train_det_cli_resume_and_eval(tmp_path, capsys):
+    from agent_attention.commands.train_det import main as train_det_main
 
     out = tmp_path / "det"
     assert _cli(train_det_main, out, "--epochs", "1", "--min-size", "64", "--max-size", "64") == 0
+    assert "epoch 1/1, step 2/2: loss" in capsys.readouterr().out  # 1-based epochs
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["history"][-1]["step"] == 2 and "bbox_mAP" in summary["init"] and "segm_mAP" in summary["final"]
     assert (out / "last.pth").is_file() and (out / "best.pth").is_file()
@@ -92,14 +81,16 @@ def test_train_det_cli_resume_and_eval(tmp_path):
     assert _cli(train_det_main, out, "--epochs", "2", "--min-size", "64", "--max-size", "64", "--resume", "auto") == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert [h["step"] for h in summary["history"]] == [2, 4]
-    lines = (out / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["init"]
+    printed = capsys.readouterr().out
+    assert "at step 2/4 (epoch 2, 0 of its 2 steps done)" in printed and "epoch 2/2, step 4/4" in printed
+    lines = _strict_json_lines(out / "log.jsonl")
+    assert len(lines) == 3 and lines[0]["init"]
     assert _cli(train_det_main, out, "--eval-only", "--checkpoint", str(out / "last.pth"), "--min-size", "64",
                 "--max-size", "64") == 0
 
 
 def test_train_seg_cli(tmp_path, capsys):
-    from agent_attention.dense.main import train_seg_main
+    from agent_attention.commands.train_seg import main as train_seg_main
 
     out = tmp_path / "seg"
     assert _cli(train_seg_main, out, "--iters", "3", "--eval-interval", "2", "--head", "upernet",
@@ -110,8 +101,68 @@ def test_train_seg_cli(tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
-def test_cli_requires_preset_for_real_data(tmp_path):
-    from agent_attention.dense.main import train_seg_main
+def test_cli_requires_preset_for_real_data(tmp_path, capsys):
+    from agent_attention.commands.train_seg import main as train_seg_main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         train_seg_main(["--data", str(tmp_path)])
+    assert e.value.code == 2 and "--data needs a --preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train_det", "train_seg"])
+def test_cli_help_for_every_option(command):
+    import importlib
+
+    parser = importlib.import_module(f"agent_attention.commands.{command}").build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings} has no help"
+    text = parser.format_help()
+    assert "`" not in text and ("--milestones" if command == "train_det" else "--iters") in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-kwargs", "{not json"], "argument --model-kwargs: not valid JSON"),
+    (["--model-kwargs", "[1]"], "must be a JSON object"),
+    (["--detector", "yolo"], "invalid choice"),
+])
+def test_cli_usage_errors(argv, message, capsys):
+    from agent_attention.commands.train_det import main as train_det_main
+
+    with pytest.raises(SystemExit) as e:
+        train_det_main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_bad_recipe_values_are_one_line_errors(tmp_path):
+    from agent_attention.commands.train_det import main as train_det_main
+
+    with pytest.raises(ValueError, match="unknown recipe field 'epoch'; did you mean epochs"):
+        train_det_main(["--set", "epoch=3"])
+    with pytest.raises(ValueError, match="unknown recipe 'coco_1x'"):
+        train_det_main(["--preset", "coco_1x"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1\n")
+    with pytest.raises(ValueError, match="is not valid yaml"):
+        train_det_main(["--preset", str(bad)])
+    with pytest.raises(ValueError, match="'epochs' must be >= 1, got 0"):
+        _cli(train_det_main, tmp_path / "x", "--epochs", "0", "--no-eval-init")
+    with pytest.raises(ValueError, match="'clip_grad' must be > 0"):
+        _cli(train_det_main, tmp_path / "x", "--epochs", "1", "--clip-grad", "-1", "--no-eval-init")
+
+
+def test_training_is_reproducible_whatever_the_python_rng(tmp_path):
+    """The data sets' random flips are drawn from RNGs seeded by (seed, epoch, index), not from the
+    process's global Python RNG (unseeded with --workers 0)."""
+    import random
+
+    from agent_attention.commands.train_seg import main as train_seg_main
+    from agent_attention.models.checkpoints import load_checkpoint
+
+    states = []
+    for run, py_seed in enumerate((1, 2)):
+        random.seed(py_seed)
+        out = tmp_path / f"run{run}"
+        assert _cli(train_seg_main, out, "--iters", "4", "--eval-interval", "4", "--no-eval-init",
+                    "--num-train", "8") == 0
+        states.append(load_checkpoint(str(out / "last.pth"))["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

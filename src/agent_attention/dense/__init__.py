@@ -4,7 +4,8 @@
 * :func:`build_segmenter` — Semantic FPN / UperNet over an :class:`AgentBackbone`;
 * :mod:`~agent_attention.dense.data` — the embedded shapes data set, COCO and ADE20K folders;
 * :mod:`~agent_attention.dense.metrics` — COCO mAP (pycocotools) and mIoU;
-* ``agent-attention train-det`` / ``train-seg`` (:mod:`~agent_attention.dense.main`).
+* :mod:`~agent_attention.dense.recipe` — the yaml recipes of ``agent-attention train-det`` / ``train-seg``
+  (:mod:`agent_attention.commands.train_det`, :mod:`agent_attention.commands.train_seg`).
 """
 from __future__ import annotations
 

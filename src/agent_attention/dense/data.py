@@ -112,7 +112,8 @@ class _ShapesBase(Dataset):
         return self._cache[index]
 
     def _flip(self, index: int) -> bool:
-        # Flips vary between epochs: Python's RNG (seeded per DataLoader worker by torch).
+        # Flips vary between epochs: Python's RNG, seeded per (seed, epoch, index) by the training loop
+        # (dense.engine.EpochSeeded).
         return self.train and random.random() < 0.5
 
 

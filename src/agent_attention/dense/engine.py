@@ -1,106 +1,37 @@
 """Training and evaluation loops for the dense tasks.
 
-* AdamW with per-parameter weight-decay exclusions (the Swin recipes: position tables, norms and
-  agent biases get no decay);
-* iteration-based learning-rate schedules: linear warmup, then step decay (detection, ×0.1 at the
-  milestones) or poly decay (segmentation);
-* a resumable loop: a seeded sampler (the data order is a function of seed and epoch, so a resumed
-  run sees the same batches), progress bar, evaluation every ``eval_every`` steps, atomic
-  checkpoints (``last.pth``, ``best.pth``), a JSON-lines log and a final ``metrics.json``.
+* losses and evaluation (COCO mAP, mIoU) of the torchvision detectors and smp segmenters;
+* a resumable iteration loop: the optimizer and per-iteration scheduler come from
+  :mod:`agent_attention.train.optim` (one parameter-group rule, timm schedulers with mmcv's
+  warm-up), the data order from :class:`agent_attention.train.data.ResumableSampler` (a function
+  of seed and epoch, so a resumed run sees the same batches), progress bar, evaluation every
+  ``eval_every`` steps, atomic checkpoints (``last.pth``, ``best.pth``), a JSON-lines log and a
+  final ``metrics.json``.
+
+Why not the classifier's :class:`~agent_attention.train.engine.Trainer`: that one is built around
+epochs, timm's cosine schedule, mixup, EMA and DDP of an image classifier; the dense loop is
+iteration-based, calls a task loss on torchvision's list-of-images batches and evaluates COCO/mIoU.
+Sharing the optimizer, scheduler, sampler, checkpoint and JSON code, and keeping the ~100-line loop
+separate, costs less than teaching the Trainer a second kind of task.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .data import IGNORE_INDEX
-from .._atomic import write_json
+from .._atomic import json_safe, write_json
+from ..train.data import ResumableSampler, mix_seed, seeded_rng
 from .metrics import coco_evaluate, confusion_matrix, detections_to_coco, segmentation_scores
-
-#: parameter-name substrings without weight decay in the official Swin recipes (spec §6.2)
-SWIN_NO_DECAY = ("absolute_pos_embed", "relative_position_bias_table", "norm",
-                 "an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias")
-
-
-# --------------------------------------------------------------------------- optimiser and schedule
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, no_decay: Sequence[str] = (),
-                    betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW; parameters whose name contains one of ``no_decay`` get weight decay 0."""
-    if lr <= 0:
-        raise ValueError(f"learning rate must be positive, got {lr}")
-    decay, skip = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (skip if any(k in name for k in no_decay) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if skip:
-        groups.append({"params": skip, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-
-
-@dataclass
-class Schedule:
-    """Learning-rate factor per iteration: linear warmup from ``warmup_ratio``, then step or poly decay."""
-
-    total_steps: int
-    kind: str = "step"  # "step" | "poly" | "constant"
-    warmup_steps: int = 0
-    warmup_ratio: float = 1e-3
-    milestones: List[int] = field(default_factory=list)  # steps where the lr is multiplied by gamma
-    gamma: float = 0.1
-    power: float = 0.9
-    min_ratio: float = 0.0
-
-    def __post_init__(self):
-        if self.kind not in ("step", "poly", "constant"):
-            raise ValueError(f"schedule kind must be 'step', 'poly' or 'constant', got {self.kind!r}")
-        if self.total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
-
-    def factor(self, step: int) -> float:
-        if self.kind == "step":
-            f = self.gamma ** sum(step >= m for m in self.milestones)
-        elif self.kind == "poly":
-            f = (1 - min(step, self.total_steps) / self.total_steps) ** self.power
-            f = f * (1 - self.min_ratio) + self.min_ratio
-        else:
-            f = 1.0
-        if step < self.warmup_steps:  # mmcv's linear warmup: scales the regular lr
-            f *= 1 - (1 - step / self.warmup_steps) * (1 - self.warmup_ratio)
-        return f
-
-
-# --------------------------------------------------------------------------- data order
-class SeededSampler(Sampler[int]):
-    """Shuffled indices, a function of ``(seed, epoch)``; ``start`` skips the first indices (resume)."""
-
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        return iter(order[self.start:])
-
-    def __len__(self) -> int:
-        return self.n - self.start
-
 
 # --------------------------------------------------------------------------- losses
 def detection_loss(model: nn.Module, batch, device) -> Dict[str, Tensor]:
@@ -194,11 +125,50 @@ class LoopConfig:
     desc: str = "train"
 
 
+def train_sampler(n: int, seed: int) -> ResumableSampler:
+    """The training order: a permutation of ``range(n)`` drawn from ``seed * 100003 + epoch`` (the
+    former ``SeededSampler``'s seeds), skippable for a mid-epoch resume."""
+
+    class _Indices:  # DistributedSampler only needs len()
+        def __len__(self) -> int:
+            return n
+
+    return ResumableSampler(DistributedSampler(_Indices(), num_replicas=1, rank=0, shuffle=True, seed=seed * 100003))
+
+
+class EpochSeeded(Dataset):
+    """``base[i]`` drawn with the Python / numpy / torch RNGs seeded by ``(seed, epoch, i)`` (the
+    classification rule of :class:`~agent_attention.train.data.SeededTransformDataset`): the random
+    flips / crops of the dense data sets are the same in every run, with any worker count, and after
+    a mid-epoch resume. Call :meth:`set_epoch` before creating the epoch's loader."""
+
+    def __init__(self, base: Dataset, seed: int = 0):
+        self.base, self.seed, self.epoch = base, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        with seeded_rng(mix_seed(self.seed, self.epoch, int(i))):
+            return self.base[i]
+
+
+def _append_jsonl(path: Path, entry: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(json_safe(entry), allow_nan=False) + "\n")
+
+
 def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Callable, evaluate: Callable[[nn.Module], Dict],
-          optimizer: torch.optim.Optimizer, schedule: Schedule, cfg: LoopConfig, device, *,
+          optimizer: torch.optim.Optimizer, scheduler, cfg: LoopConfig, device, *,
           resume: Optional[str] = None, run_config: Optional[dict] = None) -> Dict[str, object]:
     """Train for ``cfg.total_steps`` iterations with periodic evaluation; returns the final summary.
 
+    ``scheduler``: stepped per iteration (``step_update(step)`` before each step), with the base lrs
+    in ``lr_base`` (saved in and restored from the checkpoint): the timm-based schedulers of
+    :func:`agent_attention.train.optim.build_dense_scheduler`.
     ``resume``: a checkpoint path or ``"auto"`` (``<out_dir>/last.pth`` if present). The summary
     (also written to ``<out_dir>/metrics.json``) holds ``init`` (the untrained model's metrics),
     ``final``, ``best``, ``history`` and the wall time.
@@ -207,11 +177,12 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    sampler = SeededSampler(len(train_set), cfg.seed)
+    sampler = train_sampler(len(train_set), cfg.seed)
+    train_set = EpochSeeded(train_set, cfg.seed)
     drop_last = len(train_set) >= cfg.batch_size
     steps_per_epoch = len(train_set) // cfg.batch_size if drop_last else 1
     eval_every = cfg.eval_every or steps_per_epoch
+    total_epochs = math.ceil(cfg.total_steps / steps_per_epoch)
     step, history, init, best = 0, [], None, None
     elapsed = 0.0
     if resume == "auto":
@@ -220,17 +191,18 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
         ckpt = load_training_checkpoint(resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        base_lrs = list(ckpt.get("base_lrs", base_lrs))
+        scheduler.lr_base = list(ckpt.get("base_lrs", scheduler.lr_base))  # the schedule of the checkpoint
         step, history = int(ckpt["step"]), list(ckpt.get("history", []))
         init, best, elapsed = ckpt.get("init"), ckpt.get("best"), float(ckpt.get("elapsed", 0.0))
-        print(f"resumed from {resume} at step {step}/{cfg.total_steps}")
+        done, offset = divmod(step, steps_per_epoch)
+        print(f"resumed from {resume} at step {step}/{cfg.total_steps} (epoch {done + 1}, {offset} of its "
+              f"{steps_per_epoch} steps done)")
     log_path = out / "log.jsonl"
     if init is None and cfg.eval_init:
         t0 = time.time()
         init = _scalar_metrics(evaluate(model))
         print(f"untrained model: {_fmt(init)} ({time.time() - t0:.1f}s)")
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": 0, "init": True, **init}) + "\n")
+        _append_jsonl(log_path, {"step": 0, "init": True, **init})
     model.train()
     t_start = time.time() - elapsed
     bar = tqdm(total=cfg.total_steps, initial=step, desc=cfg.desc, disable=not cfg.progress, dynamic_ncols=True)
@@ -238,13 +210,13 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
     while step < cfg.total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, offset * cfg.batch_size)
+        train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=cfg.num_workers, drop_last=drop_last,
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         for batch in loader:
-            f = schedule.factor(step)
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * f
+            scheduler.step_update(step)
+            lr = optimizer.param_groups[0]["lr"]
             losses = loss_fn(model, batch, device)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -259,26 +231,26 @@ def train(model: nn.Module, train_set: Dataset, collate: Callable, loss_fn: Call
                 running[k] = running.get(k, 0.0) + float(v.detach())
             running["n"] = running.get("n", 0) + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{base_lrs[0] * f:.2e}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
             if step % eval_every == 0 or step == cfg.total_steps:
                 n = running.pop("n")
                 train_losses = {k: v / n for k, v in running.items()}
                 running = {}
                 metrics = _scalar_metrics(evaluate(model))
                 model.train()
-                entry = {"step": step, "epoch": step / steps_per_epoch, "lr": base_lrs[0] * f,
+                entry = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
                          "loss": sum(train_losses.values()), **train_losses, **metrics,
                          "time": time.time() - t_start}
                 history.append(entry)
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(entry) + "\n")
-                bar.write(f"step {step}: loss {entry['loss']:.4f} | {_fmt(metrics)}")
+                _append_jsonl(log_path, entry)
+                bar.write(f"epoch {(step - 1) // steps_per_epoch + 1}/{total_epochs}, step {step}/{cfg.total_steps}: "
+                          f"loss {entry['loss']:.4f} | {_fmt(metrics)}")
                 key = metrics.get(cfg.key_metric, float("nan"))
                 improved = best is None or (not math.isnan(key) and key > best.get(cfg.key_metric, -1.0))
                 if improved:
                     best = dict(metrics, step=step)
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "history": history, "init": init, "best": best, "base_lrs": base_lrs,
+                         "history": history, "init": init, "best": best, "base_lrs": scheduler.lr_base,
                          "elapsed": time.time() - t_start, "config": run_config or {}}
                 save_checkpoint(state, out / "last.pth")
                 if improved:

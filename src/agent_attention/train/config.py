@@ -19,9 +19,9 @@ import yaml
 from .validation import RANGES, RESUME_IGNORED, check_range, recipe_diff, validate
 
 __all__ = [
-    "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "load_recipe",
-    "add_config_args", "config_from_args", "coerce", "apply_override", "lr_scale", "check_range", "validate",
-    "recipe_diff", "RANGES", "RESUME_IGNORED",
+    "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "read_recipe", "load_recipe",
+    "add_config_args", "config_from_args", "overrides_from_args", "coerce", "apply_override", "lr_scale",
+    "check_range", "validate", "recipe_diff", "RANGES", "RESUME_IGNORED",
 ]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -30,7 +30,7 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @dataclass(frozen=True)
 class Field:
-    """One recipe field. ``kind``: int, float, str, bool, floats (list), dict; ``optional``: may be None."""
+    """One recipe field. ``kind``: int, float, str, bool, floats / strs (lists), dict; ``optional``: may be None."""
 
     name: str
     default: Any
@@ -143,26 +143,32 @@ class Config(dict):
         self[name] = value
 
 
-def defaults() -> Config:
-    return Config({f.name: json.loads(json.dumps(f.default)) for f in FIELDS})
+def defaults(fields: Optional[Sequence[Field]] = None) -> Config:
+    """The default value of every field of ``fields`` (default: the classification :data:`FIELDS`)."""
+    return Config({f.name: json.loads(json.dumps(f.default)) for f in (FIELDS if fields is None else fields)})
 
 
 def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Check and convert ``value`` for field ``name`` (type, choices, allowed range: :func:`check_range`);
-    a one-line ValueError naming the field otherwise."""
-    return check_range(name, _convert(name, value))
+def coerce(name: str, value: Any, fields: Optional[Sequence[Field]] = None) -> Any:
+    """Check and convert ``value`` for field ``name`` of ``fields`` (default: :data:`FIELDS`; type,
+    choices, and for the classification fields the allowed range: :func:`check_range`); a one-line
+    ValueError naming the field otherwise."""
+    value = _convert(name, value, fields)
+    return check_range(name, value) if fields is None else value
 
 
-def _convert(name: str, value: Any) -> Any:
-    f = _BY_NAME.get(name)
+def _convert(name: str, value: Any, fields: Optional[Sequence[Field]] = None) -> Any:
+    by_name = _BY_NAME if fields is None else {f.name: f for f in fields}
+    f = by_name.get(name)
     if f is None:
         import difflib
 
-        close = difflib.get_close_matches(name, _BY_NAME, n=3) or [n for k, n in _HINTS.items() if k == name]
+        close = difflib.get_close_matches(name, by_name, n=3)
+        if not close and fields is None:
+            close = [n for k, n in _HINTS.items() if k == name]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown recipe field {name!r}{hint}")
     if f.optional and _is_none(value) and not (f.kind == "str" and value == ""):
@@ -192,9 +198,17 @@ def _convert(name: str, value: Any) -> Any:
         if f.kind == "floats":
             if isinstance(value, str):
                 value = yaml.safe_load(value)
+            if isinstance(value, str):  # "8,11"
+                value = [v for v in value.split(",") if v.strip()]
             if isinstance(value, (int, float)):
                 value = [value]
             return [float(v) for v in value]
+        if f.kind == "strs":
+            if isinstance(value, str):  # "norm,an_bias"
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
         if f.kind == "dict":
             if isinstance(value, str):
                 value = yaml.safe_load(value) or {}
@@ -211,17 +225,18 @@ def _convert(name: str, value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ recipes
-def _recipe_dir() -> Path:
-    return Path(str(resources.files("agent_attention.train") / "recipes"))
+def _recipe_dir(folder: Optional[Path] = None) -> Path:
+    return Path(str(resources.files("agent_attention.train") / "recipes")) if folder is None else Path(folder)
 
 
-def list_recipes() -> List[str]:
-    """Names of the bundled recipes (``digits`` and one per official variant)."""
-    return sorted(p.stem for p in _recipe_dir().glob("*.yaml"))
+def list_recipes(folder: Optional[Path] = None) -> List[str]:
+    """Names of the bundled recipes of ``folder`` (default: the classification recipes, ``digits``
+    and one per official variant); files starting with ``_`` are bases, not recipes."""
+    return sorted(p.stem for p in _recipe_dir(folder).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def recipe_path(name_or_path: str) -> Path:
-    """A bundled recipe by name (official name or short alias) or a yaml file path."""
+def recipe_path(name_or_path: str, folder: Optional[Path] = None) -> Path:
+    """A bundled recipe of ``folder`` by name (official name or short alias) or a yaml file path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
@@ -229,35 +244,58 @@ def recipe_path(name_or_path: str) -> Path:
     from ..models.registry import ALIASES
 
     name = ALIASES.get(name, name)
-    candidate = _recipe_dir() / f"{name}.yaml"
+    candidate = _recipe_dir(folder) / f"{name}.yaml"
     if candidate.is_file():
         return candidate
     import difflib
 
-    close = difflib.get_close_matches(name, list_recipes(), n=3)
+    names = list_recipes(folder)
+    close = difflib.get_close_matches(name, names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown recipe {name_or_path!r}{hint} (bundled: {', '.join(list_recipes())})")
+    raise ValueError(f"unknown recipe {name_or_path!r}{hint} (bundled: {', '.join(names)})")
 
 
-def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """Defaults <- recipe yaml <- ``overrides`` (field -> value), all values checked."""
-    path = recipe_path(name_or_path)
-    data = yaml.safe_load(path.read_text()) or {}
+def read_recipe(path: Path, folder: Optional[Path] = None, _seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """The raw mapping of a recipe yaml, meta keys dropped; ``base: NAME`` first reads ``NAME.yaml``
+    (a ``_``-prefixed shared part) of the file's folder, else of ``folder`` (the bundled recipes),
+    and lets this file override it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid yaml: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
-    cfg = defaults()
-    for key, value in data.items():
-        if key in _META_KEYS:
-            continue
-        cfg[key] = coerce(key, value)
+    base = data.pop("base", None)
+    if base is not None:
+        candidates = [path.parent / f"{base}.yaml", _recipe_dir(folder) / f"{base}.yaml"]
+        base_path = next((c for c in candidates if c.is_file()), None)
+        if base_path is None or base_path.resolve() in _seen:
+            raise ValueError(f"recipe {path}: base {base!r} is not a yaml file of {path.parent} or of the "
+                             f"bundled recipes (or is a cycle)")
+        data = {**read_recipe(base_path, folder, (*_seen, path.resolve())), **data}
+    return {k: v for k, v in data.items() if k not in _META_KEYS}
+
+
+def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]] = None, *,
+                fields: Optional[Sequence[Field]] = None, folder: Optional[Path] = None) -> Config:
+    """Defaults <- recipe yaml <- ``overrides`` (field -> value), all values checked.
+
+    ``fields`` / ``folder``: another family of recipes (default: the classification :data:`FIELDS`
+    and the bundled ``train/recipes``), e.g. the dense recipes of ``agent_attention.dense.recipes``."""
+    path = recipe_path(name_or_path, folder)
+    cfg = defaults(fields)
+    for key, value in read_recipe(path, folder).items():
+        cfg[key] = coerce(key, value, fields)
     cfg["recipe"] = path.stem
     for key, value in (overrides or {}).items():
-        apply_override(cfg, key, value)
-    validate(cfg)
+        apply_override(cfg, key, value, fields)
+    if fields is None:
+        validate(cfg)
     return cfg
 
 
-def apply_override(cfg: Config, key: str, value: Any) -> None:
+def apply_override(cfg: Config, key: str, value: Any, fields: Optional[Sequence[Field]] = None) -> None:
     """Set field ``key`` (or ``model_kwargs.<name>``, merged into the mapping) from ``value``."""
     if key.startswith("model_kwargs."):
         sub = key[len("model_kwargs."):]
@@ -265,9 +303,9 @@ def apply_override(cfg: Config, key: str, value: Any) -> None:
             raise ValueError("--set model_kwargs.<name>=<value> needs a name")
         cfg["model_kwargs"] = {**cfg["model_kwargs"], sub: yaml.safe_load(value) if isinstance(value, str) else value}
     elif key == "model_kwargs":
-        cfg["model_kwargs"] = {**cfg["model_kwargs"], **coerce(key, value)}
+        cfg["model_kwargs"] = {**cfg["model_kwargs"], **coerce(key, value, fields)}
     else:
-        cfg[key] = coerce(key, value)
+        cfg[key] = coerce(key, value, fields)
 
 
 def lr_scale(cfg: Config, world_size: int) -> float:
@@ -321,15 +359,20 @@ def add_config_args(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -
         group.add_argument(*names, **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Recipe named by ``args.recipe`` <- ``--set`` items <- explicit field flags."""
+def overrides_from_args(args: argparse.Namespace, fields: Optional[Sequence[Field]] = None) -> Dict[str, Any]:
+    """``--set`` items (``args.set_``) <- explicit field flags (attributes named as ``fields``)."""
     overrides: Dict[str, Any] = {}
     for item in getattr(args, "set_", []) or []:
         if "=" not in item:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value
-    for f in FIELDS:
+    for f in FIELDS if fields is None else fields:
         if hasattr(args, f.name):
             overrides[f.name] = getattr(args, f.name)
-    return load_recipe(args.recipe, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Recipe named by ``args.recipe`` <- ``--set`` items <- explicit field flags."""
+    return load_recipe(args.recipe, overrides_from_args(args))
