@@ -142,7 +142,7 @@ def test_cli_bad_recipe_values_are_one_line_errors(tmp_path):
         train_det_main(["--preset", "coco_1x"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1\n")
-    with pytest.raises(ValueError, match="is not valid yaml"):
+    with pytest.raises(ValueError, match="is not valid YAML"):
         train_det_main(["--preset", str(bad)])
     with pytest.raises(ValueError, match="'epochs' must be >= 1, got 0"):
         _cli(train_det_main, tmp_path / "x", "--epochs", "0", "--no-eval-init")

@@ -263,7 +263,7 @@ def read_recipe(path: Path, folder: Optional[Path] = None, _seen: Sequence[Path]
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe {path} is not valid yaml: {' '.join(str(e).split())}") from None
+        raise ValueError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a mapping of fields, got {type(data).__name__}")
     base = data.pop("base", None)
