@@ -22,6 +22,7 @@ else ``torch.hub.get_dir()/checkpoints/agent_attention`` (``$TORCH_HOME/hub/...`
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -107,7 +108,8 @@ def cached_weights_path(name: str, url: Optional[str] = None, cache: Optional[Un
     if not url:
         raise ValueError(f"{name}: no released weights are known; pass pretrained_cfg_overlay=dict(file=PATH)")
     file_id = RELEASE_IDS.get(official, "")
-    tag = file_id[:8] if url == URL_TEMPLATE.format(id=file_id, name=official) else _short_hash(url)
+    released = file_id and url in (official_url(official), URL_TEMPLATE.format(id=file_id, name=official))
+    tag = file_id[:8] if released else _short_hash(url)
     return cache_dir(cache) / f"{official}-{tag}.safetensors"
 
 
@@ -132,19 +134,25 @@ def _found(state: Mapping[str, Tensor]) -> str:
            f"first {first[0]!r} {tuple(first[1].shape)}"
 
 
+@functools.lru_cache(maxsize=None)
+def _reference_model(official: str) -> torch.nn.Module:
+    """The released architecture on the meta device (no memory, ~0.1-1 s to build once)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(official)
+
+
 def verify_weights(name: str, state: Mapping[str, Tensor], source: str) -> None:
     """Check that ``state`` fits the released ``name`` architecture (built on the meta device).
 
     The family's ``checkpoint_filter_fn`` is applied first, as at load time. Raises a one-line
     ValueError naming the expected model and what the file holds.
     """
-    import timm
-
     from .checkpoints import _family_filter, check_state_dict
 
     official = _official_name(name)
-    with torch.device("meta"):
-        ref = timm.create_model(official)
+    ref = _reference_model(official)
     filter_fn = _family_filter(ref)
     try:
         fitted = dict(filter_fn(dict(state), ref)) if filter_fn is not None else dict(state)
