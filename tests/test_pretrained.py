@@ -3,6 +3,7 @@ safe loading, verification, safetensors conversion and the one-line errors."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -192,3 +193,17 @@ def test_unknown_model_without_source_raises():
     with pytest.raises(ValueError, match="agent_foo: no released weights are known"):
         P.prepare_pretrained("agent_foo", True, {})
     assert P.prepare_pretrained("agent_foo", False, {"a": 1}) == {"a": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_every_release_full_size_create_model(name, cache, server, tmp_path, monkeypatch, one_thread):
+    """``timm.create_model(name, pretrained=True)`` for all 18 at full size: an official-structure file
+    with the official layout (stride-0 tensors: a few KB served, the full safetensors written)."""
+    layout = official_layout(name, value=0.25)
+    server.routes[route(name)] = save_official(tmp_path / "w.pth", monkeypatch, layout, name=name)
+    model = timm.create_model(name, pretrained=True)
+    params = dict(model.named_parameters())  # (buffers such as Swin's attn_mask are the model's own)
+    assert set(params) <= set(layout) and all(bool((p == 0.25).all()) for p in params.values())
+    assert server.requests == [route(name)]
+    Path(model.pretrained_cfg["file"]).unlink()  # several hundred MB: do not keep it in pytest's tmp dirs

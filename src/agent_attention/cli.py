@@ -42,7 +42,13 @@ def dispatch(prog: str, commands: Dict[str, Tuple[str, str, str]], argv: List[st
         print(f"{prog}: unknown {what} {name!r}\n\n{_usage(prog, commands, what)}", file=sys.stderr)
         return 2
     module, func, _ = commands[name]
-    result = getattr(import_module(module), func)(rest)
+    from ._extras import MissingExtraError
+
+    try:
+        result = getattr(import_module(module), func)(rest)
+    except MissingExtraError as e:  # an optional dependency: one line naming the extra
+        print(f"{prog} {name}: error: {e}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._download import WeightsDownloadError, download_file
-from ._safe_load import _is_safetensors, load_checkpoint, select_state_dict
+from ._safe_load import UnsafeCheckpointError, _is_safetensors, load_checkpoint, select_state_dict
 from ._safe_save import export_safetensors
 from .registry import ALIASES
 
@@ -122,8 +122,10 @@ def _read_weights(path: Path, source: str) -> Tuple[Dict[str, Tensor], str]:
     size = path.stat().st_size
     try:
         return select_state_dict(load_checkpoint(path))
-    except ValueError as e:  # UnsafeCheckpointError is a ValueError too
-        reason = _one_line(e).replace(f"'{path}'", "").replace("  ", " ")
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{source}: {_one_line(e)}") from None
+    except ValueError as e:
+        reason = _one_line(e).replace(f" '{path}'", "")
         raise ValueError(f"{source} ({size} bytes) is not a usable checkpoint (truncated or not a checkpoint?): "
                          f"{reason}") from None
 
