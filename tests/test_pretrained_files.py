@@ -38,10 +38,10 @@ def same(a, b) -> bool:
 
 
 def test_official_pth_file_loads_directly(cache, source, tmp_path, monkeypatch, one_thread):
-    ema = {k: v * 2 for k, v in source.state_dict().items()}
-    pth = save_official(tmp_path / "agent_deit_t_max_acc.pth", monkeypatch, source.state_dict(), ema_state=ema)
+    model_state = {k: v * 2 for k, v in source.state_dict().items()}
+    pth = save_official(tmp_path / "agent_deit_t_max_acc.pth", monkeypatch, model_state, ema_state=source.state_dict())
     m = timm.create_model("agent_deit_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(pth), num_classes=5), **SMALL)
-    assert same(m, source)  # the 'model' weights, read safely (no official_safe_globals needed)
+    assert same(m, source)  # read safely (no official_safe_globals needed); EMA weights first, as timm's file loader
     converted = Path(m.pretrained_cfg["file"])
     assert converted.parent == cache / "local" and converted.suffix == ".safetensors"
 
@@ -53,7 +53,7 @@ def test_official_pth_file_loads_directly(cache, source, tmp_path, monkeypatch, 
 
     # a new version of the same file replaces the old conversion
     monkeypatch.setenv(P.ENV_CACHE, str(cache))
-    save_official(pth, monkeypatch, ema)
+    save_official(pth, monkeypatch, model_state)
     os.utime(pth, ns=(1, 1))
     newer = timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=pth, num_classes=5), **SMALL)
     assert not same(newer, source) and sorted(p.name for p in (cache / "local").iterdir()) == [Path(newer.pretrained_cfg["file"]).name]

@@ -117,11 +117,12 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def _read_weights(path: Path, source: str) -> Tuple[Dict[str, Tensor], str]:
-    """The weights of a checkpoint file (safe loader, default entry), or a one-line ValueError."""
+def _read_weights(path: Path, source: str, use_ema: bool = False) -> Tuple[Dict[str, Tensor], str]:
+    """The weights of a checkpoint file (safe loader; ``'model'`` first, or the EMA entry first with
+    ``use_ema``), or a one-line ValueError."""
     size = path.stat().st_size
     try:
-        return select_state_dict(load_checkpoint(path))
+        return select_state_dict(load_checkpoint(path), use_ema=use_ema)
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{source}: {_one_line(e)}") from None
     except ValueError as e:
@@ -213,7 +214,8 @@ def convert_local_file(path: Union[str, os.PathLike], cache: Optional[Union[str,
 
     ``.safetensors`` files are returned as they are. Others (official ``.pth``, our own training
     checkpoints) are converted once into ``<cache>/local/`` (keyed by path, size and mtime; older
-    conversions of the same path are removed).
+    conversions of the same path are removed). As timm's own file loader, the EMA weights
+    (``state_dict_ema`` / ``model_ema``) are preferred when the file has them, then ``model``.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -228,7 +230,7 @@ def convert_local_file(path: Union[str, os.PathLike], cache: Optional[Union[str,
     target = cache_dir(cache) / "local" / f"{stem}-{_short_hash(f'{st.st_size}:{st.st_mtime_ns}')}.safetensors"
     if target.is_file():
         return target
-    state, used = _read_weights(p, f"pretrained file '{p}'")
+    state, used = _read_weights(p, f"pretrained file '{p}'", use_ema=True)
     export_safetensors(state, target, metadata={"source": resolved, "entry": used or "(raw)"})
     for old in target.parent.glob(f"{stem}-*.safetensors"):
         if old != target:
