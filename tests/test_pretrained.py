@@ -68,7 +68,8 @@ def test_cache_location(monkeypatch, tmp_path):
     assert path == tmp_path / "th" / "hub" / "checkpoints" / "agent_attention" / "agent_swin_tiny-a2ddc119.safetensors"
     assert P.cached_weights_path("agent_swin_tiny", cache=tmp_path / "c").parent == tmp_path / "c"
     monkeypatch.setenv(P.ENV_CACHE, str(tmp_path / "env"))
-    assert P.cached_weights_path("agent_swin_tiny", cache=tmp_path / "c").parent == tmp_path / "env"
+    assert P.cached_weights_path("agent_swin_tiny").parent == tmp_path / "env"
+    assert P.cached_weights_path("agent_swin_tiny", cache=tmp_path / "c").parent == tmp_path / "c"  # create_model(cache_dir=)
     other = P.cached_weights_path("agent_swin_tiny", "http://127.0.0.1:1/mine.pth")
     assert other.name.startswith("agent_swin_tiny-") and other.name != path.name  # another URL, another file
 

@@ -47,5 +47,5 @@ def save_for_hub(model: nn.Module, folder: Union[str, os.PathLike], *, model_arg
     out.mkdir(parents=True, exist_ok=True)
     export_safetensors(model, out / HF_WEIGHTS_NAME)
     with atomic_path(out / HF_CONFIG_NAME) as tmp:
-        save_config_for_hf(model, os.fspath(tmp), model_config=model_config, model_args=model_args)
+        save_config_for_hf(model, tmp, model_config=model_config, model_args=model_args)
     return out

@@ -14,7 +14,7 @@ by the package's safe loader, its ``'model'`` weights are checked against the re
 architecture and written as ``.safetensors`` in the cache, and timm loads that file
 (``pretrained_cfg_overlay=dict(file=...)``). The second load reads only the safetensors file.
 
-Cache (``cache_dir()``): ``$AGENT_ATTENTION_CACHE`` if set, else timm's ``cache_dir=`` argument,
+Cache (``cache_dir()``): timm's ``cache_dir=`` argument if given, else ``$AGENT_ATTENTION_CACHE``,
 else ``torch.hub.get_dir()/checkpoints/agent_attention`` (``$TORCH_HOME/hub/...``)::
 
     <cache>/agent_swin_tiny-a2ddc119.safetensors        # released weights ('model' entry), by URL
@@ -89,11 +89,11 @@ def official_url(name: str) -> str:
 
 def cache_dir(override: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Where downloaded / converted weights live (see the module docstring)."""
+    if override:
+        return Path(override).expanduser()
     env = os.environ.get(ENV_CACHE)
     if env:
         return Path(env).expanduser()
-    if override:
-        return Path(override).expanduser()
     return Path(torch.hub.get_dir()) / "checkpoints" / "agent_attention"
 
 
