@@ -65,6 +65,9 @@ def load_image(path: Optional[str], size: int) -> np.ndarray:
     from PIL import Image
 
     if path is None:
+        from ._extras import require
+
+        require("skimage.data", "agent-attention show without --image (the sample photo)", "viz")
         from skimage import data
 
         img = Image.fromarray(data.astronaut())
@@ -194,6 +197,9 @@ def _agent_colors(grid: Tuple[int, int]) -> np.ndarray:
 
 def draw(image: np.ndarray, maps: Dict[str, object], agents: Sequence[int], title: str, path: Path) -> Path:
     """Image with the agent cells, the token → agent assignment and one heat map per agent."""
+    from ._extras import require
+
+    require("matplotlib", "agent-attention show (drawing the maps)", "viz")
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 

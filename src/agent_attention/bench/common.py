@@ -288,6 +288,9 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
 # --------------------------------------------------------------------------- outputs
 def new_figure(ncols: int, width: float = 5.2, height: float = 4.2):
     """A matplotlib Figure with ``ncols`` axes, drawn with the Agg canvas (no pyplot, no GUI)."""
+    from .._extras import require
+
+    require("matplotlib", "the benchmark plots", "bench")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height), layout="constrained")

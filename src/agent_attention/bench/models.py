@@ -181,6 +181,9 @@ def table(records: List[dict], variants: Sequence[str]):
 
 def plot(records: List[dict], variants: Sequence[str], path: Path, title: str) -> Path:
     """One column per model: images/s (top) and peak memory (bottom) against the input size."""
+    from .._extras import require
+
+    require("matplotlib", "the benchmark plots", "bench")
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 

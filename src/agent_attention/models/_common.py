@@ -321,15 +321,17 @@ def default_cfg(first_conv: str, size: int = 224, crop_pct: float = 0.875) -> di
 
 
 def check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """``pretrained=True`` needs a local source (no download URLs exist): raise instead of timm's
-    silent fallback to random weights."""
-    if not pretrained:
+    """``pretrained=True`` for a model without released weights needs a local source: raise instead
+    of timm's silent fallback to random weights."""
+    from .pretrained import official_url
+
+    if not pretrained or official_url(variant):
         return
     cfgs = [kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")]
     get = lambda c, k: c.get(k) if isinstance(c, dict) else getattr(c, k, None)  # noqa: E731
     if not any(c is not None and get(c, k) for c in cfgs for k in ("file", "url", "hf_hub_id", "state_dict")):
         raise ValueError(
-            f"{variant}: the released weights cannot be downloaded automatically; load a local file with "
+            f"{variant}: no released weights can be downloaded for this model; load a local file with "
             "agent_attention.models.create_model(name, checkpoint_path=...) or pretrained_cfg_overlay=dict(file=...)"
         )
 

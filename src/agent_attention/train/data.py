@@ -59,6 +59,9 @@ class DigitsDataset(Dataset):
             raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        from .._extras import require
+
+        require("sklearn", "the embedded digits set", "train")
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 

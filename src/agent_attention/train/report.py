@@ -62,6 +62,9 @@ class EpochLog:
 
 def plot_curves(log_path: Path, png_path: Path, title: str = "") -> Path:
     """Loss, accuracy and learning-rate curves of a ``log.jsonl`` as one PNG (matplotlib, Agg)."""
+    from .._extras import require
+
+    require("matplotlib", "the training curves (curves.png; --set plot=false skips them)", "train")
     import matplotlib
 
     matplotlib.use("Agg")
