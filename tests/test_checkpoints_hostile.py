@@ -74,9 +74,20 @@ def test_expanded_tensor_is_refused_before_allocation(tmp_path):
     path.write_bytes(data)
     with pytest.raises(ValueError, match="expanded or overlapping"):
         load_checkpoint(path)  # the mmap path too
-    legacy = _saved({"w": torch.zeros(1).expand(1000, 1000)}, _use_new_zipfile_serialization=False)
+    legacy = _saved({"w": torch.zeros(1).expand(10**5, 10**5)}, _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="expanded or overlapping"):
         load_checkpoint(legacy)
+
+
+def test_expanded_views_are_limited_in_total():
+    from agent_attention.models._pickle_scan import MAX_EXPANDED_BYTES
+
+    small = torch.full((), 0.5).expand(1000, 1000)  # 4 MB once copied: a harmless stride-0 view
+    assert torch.equal(load_checkpoint(_saved({"w": small}))["w"], small)
+    side = int((MAX_EXPANDED_BYTES // 4 // 3) ** 0.5) + 1  # three views, each under the limit, together over it
+    many = {f"w{i}": torch.zeros(1).expand(side, side) for i in range(3)}
+    with pytest.raises(ValueError, match="expanded or overlapping views would take more than 2 GiB"):
+        load_checkpoint(_saved(many))
 
 
 def _legacy_tensor_file(numel) -> bytes:

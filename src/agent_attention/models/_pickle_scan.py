@@ -6,9 +6,10 @@
 - every storage may declare at most the bytes the file holds for it (the zip record, or the whole
   file for the legacy format), so a 1 KB file cannot make the loader allocate terabytes;
 - every tensor (``torch._utils._rebuild_tensor_v2`` / ``_rebuild_tensor``) must fit in its
-  storage (``offset + Σ (size-1)·stride < storage elements``, no negative size/stride/offset) and
-  may not have more elements than its storage: expanded or overlapping views (``torch.zeros(1)
-  .expand(10**6, 10**6)``) are refused, because copying one materialises all its elements.
+  storage (``offset + Σ (size-1)·stride < storage elements``, no negative size/stride/offset);
+- tensors with more elements than their storage (expanded or overlapping views, e.g.
+  ``torch.zeros(1).expand(10**6, 10**6)``) materialise all their elements when copied (``convert``,
+  ``.contiguous()``): together they may need at most :data:`MAX_EXPANDED_BYTES`.
 
 It returns a one-line description of the first problem, or ``None``; files it cannot parse are left
 to torch's own loader (which reports them).
@@ -26,7 +27,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["check_storages"]
+__all__ = ["check_storages", "MAX_EXPANDED_BYTES"]
+
+#: the most bytes the expanded views of one checkpoint may take once copied (2 GiB)
+MAX_EXPANDED_BYTES = 2 << 30
 
 _TENSOR_REBUILDS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
                     ("torch._utils", "_rebuild_tensor")}
@@ -111,27 +115,31 @@ def _children(obj: Any):
         yield from obj.parts
 
 
-def _tensor_problem(rec: _Record) -> Optional[str]:
+def _tensor_problem(rec: _Record) -> Tuple[Optional[str], int]:
+    """(the tensor's problem or None, the bytes it would take once copied if it is an expanded view)"""
     if len(rec.args) < 4 or not isinstance(rec.args[0], _Storage):
-        return None
+        return None, 0
     st, offset, size, stride = rec.args[:4]
     if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
             and all(isinstance(v, int) for v in size + stride) and len(size) == len(stride)):
-        return None  # not the layout torch writes: torch's loader will judge it
+        return None, 0  # not the layout torch writes: torch's loader will judge it
     shape = "x".join(map(str, size)) or "scalar"
     if offset < 0 or any(v < 0 for v in size + stride):
-        return f"a tensor of shape {shape} has a negative size, stride or offset"
+        return f"a tensor of shape {shape} has a negative size, stride or offset", 0
     numel = math.prod(size)
     if numel == 0:
-        return None
+        return None, 0
     needed = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
     if needed > st.numel:
         return (f"a tensor of shape {shape} (offset {offset}, stride {stride}) needs {needed} elements but its storage "
-                f"holds {st.numel}")
+                f"holds {st.numel}"), 0
     if numel > st.numel:
-        return (f"a tensor of shape {shape} has {numel} elements but its storage holds only {st.numel} "
-                "(an expanded or overlapping view; checkpoints must hold plain tensors)")
-    return None
+        expanded = numel * _element_size(st.type_name)
+        if expanded > MAX_EXPANDED_BYTES:
+            return (f"a tensor of shape {shape} has {numel} elements but its storage holds only {st.numel} "
+                    f"(an expanded or overlapping view that would take {expanded / 2**30:.3g} GiB once copied)"), 0
+        return None, expanded
+    return None, 0
 
 
 def _scan(pickle_bytes: bytes, record_bytes: Dict[str, int], file_bytes: int, prefix: str = "") -> Optional[str]:
@@ -142,16 +150,20 @@ def _scan(pickle_bytes: bytes, record_bytes: Dict[str, int], file_bytes: int, pr
         have = record_bytes.get(prefix + st.key, file_bytes)
         if st.numel < 0 or declared > have:
             return f"storage {st.key!r} declares {declared} bytes but the file holds {have} for it"
-    stack, seen = [root], set()
+    stack, seen, expanded = [root], set(), 0
     while stack:
         obj = stack.pop()
         if id(obj) in seen or not isinstance(obj, (dict, list, tuple, set, frozenset, _Record)):
             continue
         seen.add(id(obj))
         if isinstance(obj, _Record) and type(obj).key in _TENSOR_REBUILDS:
-            problem = _tensor_problem(obj)
+            problem, nbytes = _tensor_problem(obj)
             if problem:
                 return problem
+            expanded += nbytes
+            if expanded > MAX_EXPANDED_BYTES:
+                return (f"its expanded or overlapping views would take more than {MAX_EXPANDED_BYTES / 2**30:.3g} GiB "
+                        "once copied")
         stack.extend(_children(obj))
     return None
 
