@@ -11,10 +11,9 @@ import sys
 import threading
 import types
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Union
 
 import torch
-
 from reference_utils import manifest
 
 
@@ -49,7 +48,7 @@ def save_official(path: Path, monkeypatch, model_state, *, ema_state=None, name=
     return path
 
 
-def official_layout(name: str, value: float = 0.5) -> Dict[str, torch.Tensor]:
+def official_layout(name: str, value: float = 0.5) -> dict[str, torch.Tensor]:
     """The official keys / shapes / dtypes of a released model (from its manifest), each a stride-0
     view of one number, so ``torch.save`` writes a few KB however large the model."""
     state = {}
@@ -59,7 +58,7 @@ def official_layout(name: str, value: float = 0.5) -> Dict[str, torch.Tensor]:
     return state
 
 
-Route = Union[Path, int, Tuple[str, Path]]
+Route = Union[Path, int, tuple[str, Path]]
 
 
 class LoopbackServer:
@@ -67,12 +66,12 @@ class LoopbackServer:
     to answer, or ``("truncate", file)``: a header claiming twice the file's size, then the file."""
 
     def __init__(self) -> None:
-        self.routes: Dict[str, Route] = {}
-        self.requests: List[str] = []
+        self.routes: dict[str, Route] = {}
+        self.requests: list[str] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
+            def do_GET(self):
                 server.requests.append(self.path)
                 route = server.routes.get(self.path, 404)
                 if isinstance(route, int):
@@ -98,7 +97,7 @@ class LoopbackServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def __enter__(self) -> "LoopbackServer":
+    def __enter__(self) -> LoopbackServer:
         self.thread.start()
         return self
 

@@ -8,12 +8,17 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from pretrained_support import (
+    LoopbackServer,
+    closed_port,
+    official_layout,
+    save_official,
+)
+from reference_utils import MANIFESTS, manifest
 
 import agent_attention.models  # noqa: F401  (registers the models)
 from agent_attention.models import pretrained as P
 from agent_attention.models.registry import ALIASES, PAPER_TOP1
-from pretrained_support import LoopbackServer, closed_port, official_layout, save_official
-from reference_utils import MANIFESTS, manifest
 
 NAMES = sorted(PAPER_TOP1)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from pretrained_support import save_official
 
 import agent_attention.models  # noqa: F401
 from agent_attention.models import pretrained as P
 from agent_attention.models.checkpoints import UnsafeCheckpointError
 from agent_attention.models.hub import save_for_hub
-from pretrained_support import save_official
 
 SMALL = dict(depth=2, num_classes=5)  # a small agent_deit_tiny: quick to build (5 classes: the cfg overlays say so too)
 X = torch.randn(1, 3, 64, 64)

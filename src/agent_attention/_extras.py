@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["MissingExtraError", "require", "EXTRAS"]
+__all__ = ["EXTRAS", "MissingExtraError", "require"]
 
 #: import name -> (distribution, extra that installs it)
 EXTRAS = {

@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Union
 
 from .._atomic import atomic_path
 
@@ -34,7 +32,7 @@ def _reason(err: BaseException) -> str:
     return " ".join(text.split())  # one line
 
 
-def download_file(url: str, dest: Union[str, os.PathLike], *, what: str, progress: bool = True,
+def download_file(url: str, dest: str | os.PathLike, *, what: str, progress: bool = True,
                   timeout: float = 60.0) -> str:
     """Download ``url`` to ``dest`` atomically; returns the SHA-256 of the body (hex).
 
@@ -76,7 +74,7 @@ def download_file(url: str, dest: Union[str, os.PathLike], *, what: str, progres
                     )
         except WeightsDownloadError:
             raise
-        except (http.client.IncompleteRead, socket.timeout, ConnectionError) as e:
+        except (TimeoutError, http.client.IncompleteRead, ConnectionError) as e:
             where = f" of {total}" if total else ""
             raise WeightsDownloadError(
                 f"download of the {what} from {url} was cut short after {got}{where} bytes ({_reason(e)}); try again"

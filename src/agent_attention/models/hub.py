@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 from torch import nn
 
 from .._atomic import atomic_path
 from ._safe_save import export_safetensors
 
-__all__ = ["save_for_hub", "HF_WEIGHTS_NAME", "HF_CONFIG_NAME"]
+__all__ = ["HF_CONFIG_NAME", "HF_WEIGHTS_NAME", "save_for_hub"]
 
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_CONFIG_NAME = "config.json"
 
 
-def save_for_hub(model: nn.Module, folder: Union[str, os.PathLike], *, model_args: Optional[Dict[str, Any]] = None,
-                 model_config: Optional[Dict[str, Any]] = None) -> Path:
+def save_for_hub(model: nn.Module, folder: str | os.PathLike, *, model_args: dict[str, Any] | None = None,
+                 model_config: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` for ``model`` (a timm-built Agent model) to ``folder``.
 
     ``model_args``: constructor kwargs to record for models built with non-default arguments

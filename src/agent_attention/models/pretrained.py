@@ -25,19 +25,37 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._download import WeightsDownloadError, download_file
-from ._safe_load import UnsafeCheckpointError, _is_safetensors, load_checkpoint, select_state_dict
+from ._safe_load import (
+    UnsafeCheckpointError,
+    _is_safetensors,
+    load_checkpoint,
+    select_state_dict,
+)
 from ._safe_save import export_safetensors
 from .registry import ALIASES
 
-__all__ = ["official_url", "prepare_pretrained", "RELEASE_IDS", "URL_TEMPLATE", "cache_dir", "cached_weights_path",
-           "fetch_pretrained", "convert_local_file", "WeightsDownloadError", "ENV_CACHE", "ENV_URL", "ENV_PROGRESS"]
+__all__ = [
+    "ENV_CACHE",
+    "ENV_PROGRESS",
+    "ENV_URL",
+    "RELEASE_IDS",
+    "URL_TEMPLATE",
+    "WeightsDownloadError",
+    "cache_dir",
+    "cached_weights_path",
+    "convert_local_file",
+    "fetch_pretrained",
+    "official_url",
+    "prepare_pretrained",
+]
 
 #: Tsinghua-cloud file ids of the released ImageNet-1k checkpoints (official agent_transformer/README.md)
 RELEASE_IDS = {
@@ -87,7 +105,7 @@ def official_url(name: str) -> str:
     return (os.environ.get(ENV_URL) or URL_TEMPLATE).format(id=file_id, name=official)
 
 
-def cache_dir(override: Optional[Union[str, os.PathLike]] = None) -> Path:
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """Where downloaded / converted weights live (see the module docstring)."""
     if override:
         return Path(override).expanduser()
@@ -101,7 +119,7 @@ def _short_hash(text: str, n: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def cached_weights_path(name: str, url: Optional[str] = None, cache: Optional[Union[str, os.PathLike]] = None) -> Path:
+def cached_weights_path(name: str, url: str | None = None, cache: str | os.PathLike | None = None) -> Path:
     """The cache file of ``name``'s weights downloaded from ``url`` (default: the official URL)."""
     official = _official_name(name)
     url = url or official_url(official)
@@ -117,7 +135,7 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def _read_weights(path: Path, source: str, use_ema: bool = False) -> Tuple[Dict[str, Tensor], str]:
+def _read_weights(path: Path, source: str, use_ema: bool = False) -> tuple[dict[str, Tensor], str]:
     """The weights of a checkpoint file (safe loader; ``'model'`` first, or the EMA entry first with
     ``use_ema``), or a one-line ValueError."""
     size = path.stat().st_size
@@ -137,7 +155,7 @@ def _found(state: Mapping[str, Tensor]) -> str:
            f"first {first[0]!r} {tuple(first[1].shape)}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_model(official: str) -> torch.nn.Module:
     """The released architecture on the meta device (no memory, ~0.1-1 s to build once)."""
     import timm
@@ -176,8 +194,8 @@ def _progress_default() -> bool:
     return os.environ.get(ENV_PROGRESS, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def fetch_pretrained(name: str, *, url: Optional[str] = None, cache: Optional[Union[str, os.PathLike]] = None,
-                     progress: Optional[bool] = None, verify: Optional[bool] = None) -> Path:
+def fetch_pretrained(name: str, *, url: str | None = None, cache: str | os.PathLike | None = None,
+                     progress: bool | None = None, verify: bool | None = None) -> Path:
     """Download (once) the released weights of ``name`` and return the cached ``.safetensors`` path.
 
     The downloaded ``.pth`` is read by the safe loader, its ``'model'`` weights are checked against
@@ -209,7 +227,7 @@ def fetch_pretrained(name: str, *, url: Optional[str] = None, cache: Optional[Un
     return target
 
 
-def convert_local_file(path: Union[str, os.PathLike], cache: Optional[Union[str, os.PathLike]] = None) -> Path:
+def convert_local_file(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
     """A ``.safetensors`` file with the weights of the local checkpoint ``path``, loaded safely.
 
     ``.safetensors`` files are returned as they are. Others (official ``.pth``, our own training
@@ -238,7 +256,7 @@ def convert_local_file(path: Union[str, os.PathLike], cache: Optional[Union[str,
     return target
 
 
-def _cfg_dict(cfg: Any) -> Dict[str, Any]:
+def _cfg_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, Mapping):
         return dict(cfg)
     if hasattr(cfg, "to_dict"):  # timm PretrainedCfg
@@ -246,7 +264,7 @@ def _cfg_dict(cfg: Any) -> Dict[str, Any]:
     return {}  # None or a pretrained tag string
 
 
-def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The kwargs for ``build_model_with_cfg`` so that timm loads safe, local weights.
 
     * ``pretrained_cfg_overlay=dict(state_dict=...)``, an ``hf_hub_id`` (or timm's ``hf-hub:`` /
