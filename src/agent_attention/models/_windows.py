@@ -10,14 +10,16 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.models import register_notrace_function
 from torch import Tensor, nn
 
-from ._common import HW
+from .._grids import HW
 
 __all__ = ["pad_hw", "window_partition", "window_reverse", "relative_position_index", "shifted_window_mask",
            "window_padding_mask", "WindowAttention"]
 
 
+@register_notrace_function  # FX: a leaf (the padding depends on the map size)
 def pad_hw(x: Tensor, mult: HW) -> Tensor:
     """Zero-pad ``x (B, H, W, C)`` at the bottom/right to multiples of ``mult``."""
     H, W = x.shape[1:3]
