@@ -95,7 +95,8 @@ def check_pool(global_pool: str, allowed: Sequence[str] = ("avg", "")) -> str:
 class ClassifierMixin:
     """timm classifier API shared by the families: ``head`` on ``num_features``, ``forward``.
 
-    ``global_pools`` lists the accepted ``global_pool`` values; ``forward_head`` and
+    ``global_pools`` lists the accepted ``global_pool`` values; ``forward`` (the family file's own,
+    so that ``torch.fx`` wraps the leaf functions that file calls), ``forward_head`` and
     ``forward_features`` come from the family (or :class:`HierarchicalMixin`).
     """
 
@@ -128,9 +129,6 @@ class ClassifierMixin:
             self.global_pool = check_pool(global_pool, self.global_pools)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class HierarchicalMixin(ClassifierMixin):

@@ -289,6 +289,9 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         take, max_index = take_indices(len(list(self._stages())), indices)

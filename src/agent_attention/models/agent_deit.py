@@ -186,6 +186,9 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
         x, hw = self._embed(x)
         return self.norm(run_blocks(self.blocks, x, hw, self.grad_checkpointing))
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
         return x if pre_logits else self.head(x)

@@ -236,6 +236,9 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
             x = to_nchw(*self._stage(i, x), contiguous=False)
         return x
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
             x = x.flatten(2).mean(-1)

@@ -326,6 +326,9 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
     def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
         """Per stage: the previous stage's closing merge (``None`` for the first) and its blocks."""
         return [(self.layers[i - 1].downsample if i > 0 else None, layer.forward_blocks)
