@@ -20,6 +20,7 @@ COMMANDS = {
     "sd": ("agent_attention.diffusion.cli", "main", "generate images with a local diffusers model, with and without AgentSD"),
     "bench": ("agent_attention.bench", "main", "benchmarks: `bench op`, `bench models`, `bench sd`"),
     "show": ("agent_attention.viz", "main", "draw what the agents of a block look at over an image"),
+    "export": ("agent_attention.commands.export", "main", "export a model to ONNX or torch.export (dynamic batch and HxW)"),
 }
 
 

@@ -11,16 +11,11 @@ from __future__ import annotations
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.models import register_notrace_function, register_notrace_module
+from timm.models import register_notrace_function
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._grids import HW
-from ..layers import AgentAttention
-
-# FX: the attention module is a leaf of the model graphs (its agent pooling and bias resizing follow
-# the actual grid); remove once the layer traces itself.
-register_notrace_module(AgentAttention)
 
 __all__ = ["take_indices", "check_output_fmt", "merged_hw", "to_nchw", "check_image", "run_blocks", "init_linear_norm",
            "check_pool", "ClassifierMixin", "HierarchicalMixin"]
@@ -60,7 +55,7 @@ def check_image(x: Tensor, in_chans: int, name: str, min_size: int = 1) -> None:
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(f"{name}: expected an image batch (B, {in_chans}, H, W), got {tuple(x.shape)}")
     if x.shape[2] < min_size or x.shape[3] < min_size:
-        raise ValueError(f"{name}: input must be at least {min_size}x{min_size}, got {tuple(x.shape[2:])}")
+        raise ValueError(f"{name}: input size {tuple(x.shape[2:])} too small: needs at least {min_size}x{min_size}")
 
 
 def run_blocks(blocks: Iterable[nn.Module], x: Tensor, hw: HW, checkpointing: bool = False) -> Tensor:

@@ -64,6 +64,10 @@ def grid_size(img_hw: Sequence[int], patch_size: int) -> HW:
 
 @register_notrace_function  # FX: a leaf (Python checks on the input's shape)
 def check_patch_multiple(x: Tensor, patch_size: int) -> None:
+    if torch.compiler.is_compiling():  # torch.export with a dynamic size: a run-time check, no specialisation
+        torch._check(x.shape[-2] % patch_size == 0 and x.shape[-1] % patch_size == 0,
+                     lambda: f"input size must be a multiple of the patch size {patch_size} (Agent-DeiT)")
+        return
     grid_size(x.shape[-2:], patch_size)
 
 
