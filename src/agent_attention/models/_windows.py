@@ -115,10 +115,14 @@ class WindowAttention(nn.Module):
         """Relative position bias ``(h, N, N)`` for a ``window`` no larger than the table's."""
         idx = self.relative_position_index
         if tuple(window) != (self.window_size, self.window_size):
-            key = (tuple(window), idx.device)
-            if key not in self._index_cache:
-                self._index_cache[key] = relative_position_index(window, self.window_size).to(idx.device)
-            idx = self._index_cache[key]
+            if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+                # no caching: inference tensors cannot be used by autograd later; sizes may be symbolic
+                idx = relative_position_index(window, self.window_size).to(idx.device)
+            else:
+                key = (tuple(window), idx.device)
+                if key not in self._index_cache:
+                    self._index_cache[key] = relative_position_index(window, self.window_size).to(idx.device)
+                idx = self._index_cache[key]
         N = window[0] * window[1]
         return self.relative_position_bias_table[idx.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 

@@ -368,4 +368,5 @@ register_family(
              "agent_cswin_b": "agent_cswin_base", "agent_cswin_b_384": "agent_cswin_base_384"},
     paper_top1={"agent_cswin_tiny": 83.1, "agent_cswin_small": 83.9, "agent_cswin_base": 84.7,
                 "agent_cswin_base_384": 85.8},
+    test_kwargs=dict(embed_dim=16, depth=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), agent_num=[4, 9, 4, 4]),
 )

@@ -301,4 +301,5 @@ register_family(
              "agent_deit_s_448": "agent_deit_small_448", "agent_deit_b": "agent_deit_base"},
     paper_top1={"agent_deit_tiny": 74.9, "agent_deit_small": 80.5, "agent_deit_small_448": 83.1,
                 "agent_deit_base": 82.0},
+    test_kwargs=dict(embed_dim=32, depth=5, num_heads=2, agent_num=4),
 )

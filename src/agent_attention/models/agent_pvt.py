@@ -353,4 +353,6 @@ register_family(
              "agent_pvt_m_256": "agent_pvt_medium_256", "agent_pvt_l": "agent_pvt_large"},
     paper_top1={"agent_pvt_tiny": 78.4, "agent_pvt_small": 82.2, "agent_pvt_medium": 83.4,
                 "agent_pvt_medium_256": 83.8, "agent_pvt_large": 83.7},
+    test_kwargs=dict(embed_dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2],
+                     agent_num=[4, 9, 4, 4]),
 )

@@ -92,6 +92,9 @@ class AgentSwinBlock(nn.Module):
     def _mask(self, hw: HW, win: HW, shift: HW, padded: HW, ref: Tensor) -> Optional[Tensor]:
         if self.attn_mask is not None and tuple(hw) == self.input_resolution:
             return self.attn_mask  # the registered buffer: exact official values
+        if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():  # no caching (see position_bias)
+            m = shifted_window_mask(hw, padded, win, shift, device=ref.device)
+            return None if m is None else m.to(ref.dtype)
         key = (tuple(hw), ref.device, ref.dtype)
         if key not in self._mask_cache:
             if len(self._mask_cache) > 8:
@@ -423,4 +426,5 @@ register_family(
              "agent_swin_b_384": "agent_swin_base_384"},
     paper_top1={"agent_swin_tiny": 82.6, "agent_swin_small": 83.7, "agent_swin_small_288": 84.1,
                 "agent_swin_base": 84.0, "agent_swin_base_384": 84.9},
+    test_kwargs=dict(embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), agent_num=[4, 9, 4, 4]),
 )

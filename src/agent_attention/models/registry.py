@@ -13,7 +13,7 @@ import difflib
 import sys
 from typing import Dict, Iterable, List, Optional, Tuple
 
-__all__ = ["ALIASES", "PAPER_TOP1", "FAMILIES", "register_family", "register_alias", "family_of", "model_class",
+__all__ = ["ALIASES", "PAPER_TOP1", "FAMILIES", "TEST_KWARGS", "register_family", "register_alias", "family_of", "model_class",
            "check_model_name", "default_cfg", "build", "check_weight_source"]
 
 #: short alias -> official name, from every registered family
@@ -22,6 +22,8 @@ ALIASES: Dict[str, str] = {}
 PAPER_TOP1: Dict[str, float] = {}
 #: registered family prefixes (``"agent_swin"`` ...) -> their model class
 FAMILIES: Dict[str, type] = {}
+#: family prefix -> constructor kwargs of a tiny model of the family (the contract tests use them)
+TEST_KWARGS: Dict[str, dict] = {}
 _FAMILY_OF: Dict[str, str] = {}  # every registered name (official and alias) -> family prefix
 
 
@@ -41,15 +43,18 @@ def register_alias(alias: str, fn):
     return registered
 
 
-def register_family(module_name: str, model_cls: type, *, aliases: Dict[str, str], paper_top1: Dict[str, float]) -> None:
+def register_family(module_name: str, model_cls: type, *, aliases: Dict[str, str], paper_top1: Dict[str, float],
+                    test_kwargs: dict) -> None:
     """Declare the family of module ``module_name`` (its ``@register_model`` functions are already
     registered): register the short ``aliases`` (alias -> official name) with timm and record the
-    names, the class and the paper's top-1."""
+    names, the class, the paper's top-1 and ``test_kwargs`` (a tiny model of the family, for
+    ``tests/test_model_contract.py``)."""
     module = sys.modules[module_name]
     prefix = module_name.rsplit(".", 1)[-1]
     if not prefix.startswith("agent_"):
         raise ValueError(f"a family module is named agent_<family>.py, got {module_name!r}")
     FAMILIES[prefix] = model_cls
+    TEST_KWARGS[prefix] = dict(test_kwargs)
     for name, top1 in paper_top1.items():
         if not callable(getattr(module, name, None)):
             raise ValueError(f"{prefix}: paper_top1 names {name!r}, which the module does not register")
