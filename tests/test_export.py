@@ -56,3 +56,16 @@ def test_size_multiple_and_errors():
     assert size_multiple(_model("agent_deit_tiny")) == 16 and size_multiple(_model("agent_pvt_tiny")) == 32
     with pytest.raises(ValueError, match="image batch"):
         export_program(_model("agent_pvt_tiny"), torch.randn(3, 64, 64))
+
+
+def test_export_command_pt2_verifies(tmp_path, capsys):
+    import json
+
+    from agent_attention.cli import main
+
+    out = tmp_path / "pvt.pt2"
+    kw = json.dumps({k: v for k, v in TINY["agent_pvt_tiny"].items() if k != "num_classes"})
+    assert main(["export", "--model", "agent_pvt_t", "--format", "pt2", "--model-kwargs", kw, "--size", "64", "96",
+                 "--output", str(out), "--verify"]) == 0
+    assert out.is_file() and "max |export - eager|" in capsys.readouterr().out
+    assert main(["export", "--model", "agent_pvt_x"]) == 2

@@ -39,7 +39,8 @@ def _verify(model, path: str, fmt: str, example, dynamic: bool) -> float:
 
     m = size_multiple(model)
     h, w = example.shape[-2:]
-    shapes = [(1, h + m, w), (3, h, w + 2 * m)] if dynamic else [tuple(example.shape)]
+    b = example.shape[0]
+    shapes = [(1, h + m, w), (3, h, w + 2 * m)] if dynamic else [(b, h, w)]
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -49,8 +50,8 @@ def _verify(model, path: str, fmt: str, example, dynamic: bool) -> float:
         prog = torch.export.load(path).module()
         run = prog
     worst = 0.0
-    for s in shapes:
-        x = example_input(model, s[2:], batch=s[0])
+    for bs, hh, ww in shapes:
+        x = example_input(model, (hh, ww), batch=bs)
         with torch.no_grad():
             diff = (run(x).float() - model(x).float()).abs().max().item()
         print(f"  verify {tuple(x.shape)}: max |export - eager| = {diff:.3g}")

@@ -82,11 +82,13 @@ def export_program(model: nn.Module, example=None, *, dynamic: bool = True, stri
 
 def save_program(model: nn.Module, path: Union[str, os.PathLike], example=None, *, dynamic: bool = True) -> str:
     """Export with :func:`export_program` and save the program to ``path`` (``.pt2``), atomically."""
-    from .._atomic import atomic_path
+    import io
 
-    ep = export_program(model, example, dynamic=dynamic)
-    with atomic_path(path) as tmp:
-        torch.export.save(ep, str(tmp))
+    from .._atomic import write_bytes
+
+    buf = io.BytesIO()
+    torch.export.save(export_program(model, example, dynamic=dynamic), buf)
+    write_bytes(path, buf.getvalue())
     return str(path)
 
 
