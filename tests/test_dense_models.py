@@ -8,7 +8,7 @@ import torch
 
 from agent_attention.dense import (OFFICIAL_AGENT_SHAPES, AgentBackbone, build_detector, build_segmenter,
                                    parse_agent_shapes)
-from agent_attention.dense.backbone import stage_of
+from agent_attention.dense.backbone import agent_modules_by_stage
 from agent_attention.layers import AgentAttention
 
 
@@ -87,10 +87,13 @@ def test_segmenter_forward_backward(kind, backbone):
 def test_official_agent_shapes_set_per_stage():
     for name, fam in (("agent_pvt_tiny", "pvt"), ("agent_swin_tiny", "swin")):
         bb = AgentBackbone(name, agent_shapes="official", **TINY[name])
-        mods = [(n, m) for n, m in bb.named_modules() if isinstance(m, AgentAttention)]
-        assert mods
-        for n, m in mods:
-            assert m.agent_shape == OFFICIAL_AGENT_SHAPES[fam][stage_of(n.removeprefix("body.model."))]
+        mods = [m for m in bb.modules() if isinstance(m, AgentAttention)]
+        by_stage = agent_modules_by_stage(bb.body.model)
+        assert mods and len(by_stage) == len(mods)
+        stage_modules = [info["module"] for info in bb.body.model.feature_info]
+        for stage, n, m in by_stage:
+            assert n.startswith(stage_modules[stage] + ".")  # found inside its feature_info module
+            assert m.agent_shape == OFFICIAL_AGENT_SHAPES[fam][stage]
         feats = bb(torch.rand(1, 3, H, W))
         assert [tuple(f.shape[-2:]) for f in feats] == [(-(-H // 32) * 32 // s, -(-W // 32) * 32 // s) for s in (4, 8, 16, 32)]
         assert bb.out_channels == [f.shape[1] for f in feats]
@@ -127,7 +130,7 @@ def test_native_backbone_reproduces_classifier_features(name, tmp_path):
     path = tmp_path / "clf.pth"
     torch.save({"model": clf.state_dict()}, path)
     bb = AgentBackbone(name, agent_shapes="native", checkpoint=str(path), output_norms=False,
-                       swin_downstream_windows=False, **TINY[name]).eval()
+                       downstream_windows=False, **TINY[name]).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         ref = clf.forward_intermediates(x, indices=(0, 1, 2, 3), intermediates_only=True)
@@ -137,7 +140,7 @@ def test_native_backbone_reproduces_classifier_features(name, tmp_path):
     assert any(k.startswith("head.") for k in bb.load_report["dropped"])
     # official settings change the result (agents pooled to other grids)
     bb_off = AgentBackbone(name, agent_shapes="12-16-28-28", checkpoint=str(path), output_norms=False,
-                           swin_downstream_windows=False, **TINY[name]).eval()
+                           downstream_windows=False, **TINY[name]).eval()
     with torch.no_grad():
         assert not torch.allclose(bb_off(x)[0], got[0])
 

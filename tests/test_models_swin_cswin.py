@@ -217,13 +217,13 @@ def test_non_square_forward_backward(cls, small):
 
 def test_window_padding_is_masked():
     """A padded window gives the same output as the unpadded sub-map (padding never leaks in)."""
-    blk = agent_swin.AgentSwinBlock(8, (14, 14), 2, window_size=7, shift_size=0).eval()
+    blk = agent_swin.AgentSwinBlock(dim=8, input_resolution=(14, 14), num_heads=2, window_size=7, shift_size=0).eval()
     x = torch.randn(2, 7, 10, 8)
     with torch.no_grad():
         full = blk(x.reshape(2, 70, 8), (7, 10)).view(2, 7, 10, 8)
         right = blk(x[:, :, 7:].reshape(2, 21, 8), (7, 3)).view(2, 7, 3, 8)
     torch.testing.assert_close(full[:, :, 7:], right)
-    shifted = agent_swin.AgentSwinBlock(8, (14, 14), 2, window_size=7, shift_size=3).eval()
+    shifted = agent_swin.AgentSwinBlock(dim=8, input_resolution=(14, 14), num_heads=2, window_size=7, shift_size=3).eval()
     with torch.no_grad():  # the on-the-fly mask at the construction size equals the buffer
         y = torch.randn(1, 196, 8)
         ref = shifted(y, (14, 14))
@@ -232,7 +232,7 @@ def test_window_padding_is_masked():
 
 
 def test_stripe_padding_is_masked():
-    attn = agent_cswin.LePEAttention(12, (5, 7), 0, 3, 2).eval()
+    attn = agent_cswin.LePEAttention(dim=12, resolution=(5, 7), idx=0, split_size=3, num_heads=2).eval()
     q, k, v = torch.randn(3, 2, 35, 12).unbind(0)
 
     def cols(t):

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._grids import tracing
+
 __all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps", "fused", "fused_enabled"]
 
 _state = threading.local()
@@ -85,6 +87,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias, q
             continue
         if not isinstance(bias, Tensor):
             raise TypeError(f"agent_attention: {name} must be a tensor or None, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(
+                f"agent_attention: {name} must be a floating-point additive bias, got {bias.dtype} "
+                "(for padding pass key_padding_mask)"
+            )
         if bias.device != q.device:
             raise ValueError(f"agent_attention: device mismatch: q is on {q.device} but {name} is on {bias.device}")
         try:
@@ -107,12 +114,25 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias, q
 
 
 def _agent_mask(agent_bias: Optional[Tensor], key_padding_mask: Optional[Tensor], dtype) -> Optional[Tensor]:
-    """Additive mask for the agent → key softmax: the bias plus -inf on padded keys."""
+    """Additive mask for the agent → key softmax: the bias plus -inf on padded keys.
+
+    A sample whose keys are all padded gets no -inf (its softmax stays finite, so no NaN reaches
+    values or gradients); :func:`_no_keys` then zeroes what its agents gathered."""
     if key_padding_mask is None:
         return None if agent_bias is None else agent_bias.to(dtype)
+    padded = key_padding_mask & ~key_padding_mask.all(-1, keepdim=True)
     pad = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
-    pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, M)
+    pad = pad.masked_fill(padded, float("-inf"))[:, None, None, :]  # (B, 1, 1, M)
     return pad if agent_bias is None else agent_bias.to(dtype) + pad
+
+
+def _no_keys(t: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """``t (B, ...)`` with the samples whose keys are all padded set to zero (the defined answer for
+    a fully padded sample: its agents gather nothing, so its attention output is zero)."""
+    if key_padding_mask is None:
+        return t
+    empty = key_padding_mask.all(-1).view(-1, *([1] * (t.dim() - 1)))
+    return t.masked_fill(empty, 0.0)
 
 
 def agent_attention(
@@ -147,7 +167,7 @@ def agent_attention(
     Returns:
         ``(B, h, N, d)`` tensor of the same dtype as ``q``.
     """
-    if not fused_enabled():
+    if not fused_enabled() or tracing():  # export/ONNX/FX: explicit matmuls and softmaxes
         return agent_attention_math(
             q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
             query_scale=query_scale, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
@@ -161,6 +181,7 @@ def agent_attention(
     if agents.stride(-1) != 1:  # the fused kernels need a unit-stride head dim (a small n × d copy)
         agents = agents.contiguous()
     agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask1, dropout_p=dropout_p, scale=s)
+    agent_v = _no_keys(agent_v, key_padding_mask)
     return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=mask2, dropout_p=dropout_p, scale=s2)
 
 
@@ -193,7 +214,7 @@ def agent_feature_maps(
     logits2 = (q * s2) @ agents.transpose(-2, -1)
     if query_bias is not None:
         logits2 = logits2 + query_bias.to(q.dtype)
-    return logits2.softmax(dim=-1), logits1.softmax(dim=-1).transpose(-2, -1)
+    return logits2.softmax(dim=-1), _no_keys(logits1.softmax(dim=-1), key_padding_mask).transpose(-2, -1)
 
 
 def agent_attention_math(

@@ -1,15 +1,16 @@
 """Hierarchical agent backbones for dense prediction.
 
-:class:`AgentBackbone` wraps a timm model of the zoo (``agent_pvt_*``, ``agent_swin_*``,
-``agent_cswin_*``; any timm model with ``forward_intermediates`` works too) as a feature extractor
-with the official downstream settings (spec §6.1):
+:class:`AgentBackbone` wraps a hierarchical timm model (any model of the zoo, or any timm model
+with ``forward_intermediates``) as a feature extractor with the official downstream settings
+(spec §6.1), which each model declares itself:
 
 * **agent shapes per stage** for dense inputs: every :class:`~agent_attention.layers.AgentAttention`
-  of stage ``i`` pools its agents to ``agent_shapes[i]`` (PVT ``12-16-28-28``, Swin ``9-12-14-7``);
-  the agent biases keep their classification shapes and are resized at run time, so ImageNet
-  checkpoints load unchanged;
-* **Swin output norms** ``norm0..norm3`` (LayerNorm of each stage output, fresh init) and shifted
-  windows on every odd window block (downstream Swin does not cap the window at the last stage);
+  of stage ``i`` (the module ``feature_info[i]["module"]``) pools its agents to ``agent_shapes[i]``
+  (``"official"``: the model's ``downstream_agent_shapes``); the agent biases keep their
+  classification shapes and are resized at run time, so ImageNet checkpoints load unchanged;
+* **the model's downstream window rule** (``set_downstream_windows()``, e.g. Swin shifts every odd
+  window block) and **output norms** ``norm0..norm3`` (LayerNorm of each stage output, fresh init;
+  by default for models with a downstream window rule, as the official Swin);
 * **any input size**: the image is padded right/bottom to a multiple of ``size_divisor`` (32 = the
   coarsest stride), so every stage map is exactly ``ceil(H / stride)``;
 * **classification weights**: a checkpoint of the classifier (official ``.pth``, ours, safetensors)
@@ -29,46 +30,30 @@ from timm.layers import LayerNorm2d
 from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
+from .._grids import HW
 from ..layers import AgentAttention
+from ..models.registry import FAMILIES, check_model_name, family_of
 
-HW = Tuple[int, int]
-
-#: official downstream agent grids per stage (``downstream_agent_shapes`` of the mmdet/mmseg configs)
+#: official downstream agent grids per family (each model class's ``downstream_agent_shapes``)
 OFFICIAL_AGENT_SHAPES: Dict[str, Tuple[HW, ...]] = {
-    "pvt": ((12, 12), (16, 16), (28, 28), (28, 28)),
-    "swin": ((9, 9), (12, 12), (14, 14), (7, 7)),
+    fam[len("agent_"):]: tuple(cls.downstream_agent_shapes) for fam, cls in FAMILIES.items()
+    if getattr(cls, "downstream_agent_shapes", None)
 }
-
-# stage index of a module from its name in each family's official layout
-_STAGE_PATTERNS = (
-    (re.compile(r"(?:^|\.)block(\d+)\."), 1),   # PVT: block{i}.{j}.attn
-    (re.compile(r"(?:^|\.)layers\.(\d+)\."), 0),  # Swin: layers.{i}.blocks.{j}.attn
-    (re.compile(r"(?:^|\.)stage(\d+)\."), 1),   # CSWin: stage{i}.{j}.attns.{k}
-    (re.compile(r"(?:^|\.)stages\.(\d+)\."), 0),  # timm-style models
-)
 
 AgentShapesSpec = Union[None, str, Sequence[Union[int, Sequence[int]]]]
 
 
-def family_of(name: str) -> Optional[str]:
-    """``'pvt'`` / ``'swin'`` / ``'cswin'`` for the zoo's model names (aliases too), else ``None``."""
-    for fam in ("cswin", "swin", "pvt", "deit"):
-        if name.startswith(f"agent_{fam}"):
-            return fam
-    return None
-
-
-def parse_agent_shapes(spec: AgentShapesSpec, family: Optional[str], num_stages: int = 4) -> Optional[List[HW]]:
+def parse_agent_shapes(spec: AgentShapesSpec, official=None, num_stages: int = 4) -> Optional[List[HW]]:
     """Per-stage agent grids from a user spec; ``None`` means "keep the classification grids".
 
-    Accepted: ``None`` / ``"native"`` (keep), ``"official"`` (the family's downstream table; native for
-    families without one), ``"12-16-28-28"`` (square grids), ``"9x9,12x12,14x14,7x7"``, or a sequence
-    of ints / ``(h, w)`` pairs.
+    Accepted: ``None`` / ``"native"`` (keep), ``"official"`` (``official``: the model's downstream
+    table, or a family name such as ``"swin"``; native when there is none), ``"12-16-28-28"``
+    (square grids), ``"9x9,12x12,14x14,7x7"``, or a sequence of ints / ``(h, w)`` pairs.
     """
     if spec is None or (isinstance(spec, str) and spec.lower() in ("native", "none", "")):
         return None
     if isinstance(spec, str) and spec.lower() == "official":
-        table = OFFICIAL_AGENT_SHAPES.get(family or "")
+        table = OFFICIAL_AGENT_SHAPES.get(official) if isinstance(official, str) or official is None else official
         return [tuple(s) for s in table[:num_stages]] if table else None
     items: List = []
     if isinstance(spec, str):
@@ -90,13 +75,23 @@ def parse_agent_shapes(spec: AgentShapesSpec, family: Optional[str], num_stages:
     return out
 
 
-def stage_of(module_name: str) -> Optional[int]:
-    """0-based stage index of a module from its qualified name (official layouts), or ``None``."""
-    for pat, offset in _STAGE_PATTERNS:
-        m = pat.search(module_name)
-        if m:
-            return int(m.group(1)) - offset
-    return None
+def agent_modules_by_stage(model: nn.Module) -> List[Tuple[int, str, AgentAttention]]:
+    """``(stage, name, module)`` of every 2-D agent-attention module, the stage ``i`` being the module
+    ``feature_info[i]["module"]`` that holds it (stages pruned away are skipped)."""
+    out, seen = [], set()
+    for i, info in enumerate(getattr(model, "feature_info", None) or []):
+        try:
+            stage = model.get_submodule(info["module"])
+        except AttributeError:
+            continue  # pruned (features_only / FeatureGetterNet)
+        for n, m in stage.named_modules(prefix=info["module"]):
+            if isinstance(m, AgentAttention) and m.ndim == 2 and id(m) not in seen:
+                seen.add(id(m))
+                out.append((i, n, m))
+    for n, m in model.named_modules():
+        if isinstance(m, AgentAttention) and m.ndim == 2 and id(m) not in seen:
+            raise ValueError(f"cannot tell the stage of agent module {n!r} (in no feature_info module); set its agent_shape by hand")
+    return out
 
 
 def set_agent_shapes(model: nn.Module, shapes: Optional[Sequence[HW]]) -> Dict[int, int]:
@@ -105,12 +100,7 @@ def set_agent_shapes(model: nn.Module, shapes: Optional[Sequence[HW]]) -> Dict[i
     ``shapes=None`` resets each module to its classification grid ``(p, p)``.
     """
     counts: Dict[int, int] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, AgentAttention) or mod.ndim != 2:
-            continue
-        stage = stage_of(name)
-        if stage is None:
-            raise ValueError(f"cannot tell the stage of agent module {name!r}; set its agent_shape by hand")
+    for stage, name, mod in agent_modules_by_stage(model):
         if shapes is None:
             p = math.isqrt(mod.agent_num)
             mod.agent_shape = (p, p)
@@ -122,18 +112,6 @@ def set_agent_shapes(model: nn.Module, shapes: Optional[Sequence[HW]]) -> Dict[i
     return counts
 
 
-def _swin_downstream_windows(model: nn.Module) -> int:
-    """Shift every odd window block (as the downstream Swin, which never caps the window); returns count."""
-    n = 0
-    for layer in getattr(model, "layers", []):
-        for j, blk in enumerate(getattr(layer, "blocks", [])):
-            if j % 2 == 1 and not getattr(blk, "agent", True) and getattr(blk, "shift_size", 1) == 0:
-                blk.shift_size = blk.window_size // 2
-                blk.attn_mask = None  # computed for the actual map size at run time
-                n += int(blk.shift_size > 0)
-    return n
-
-
 class AgentBackbone(nn.Module):
     """Feature extractor: NCHW maps at strides 4/8/16/32 (``out_indices``) for any input size.
 
@@ -141,27 +119,23 @@ class AgentBackbone(nn.Module):
         name: timm model name (``agent_pvt_small``, ``agent_swin_t`` …).
         out_indices: stages to return.
         agent_shapes: per-stage agent grids (see :func:`parse_agent_shapes`); ``"official"`` uses the
-            downstream configs' ``12-16-28-28`` (PVT) / ``9-12-14-7`` (Swin).
+            model's ``downstream_agent_shapes`` (PVT ``12-16-28-28``, Swin ``9-12-14-7``).
         checkpoint: classification checkpoint to start from (path or state dict).
         strict: the checkpoint must fit the classifier exactly (else a clear error); ``False`` loads
             the matching entries and warns.
-        output_norms: add ``norm{i}`` LayerNorms on the outputs (default: Swin only, as official).
+        output_norms: add ``norm{i}`` LayerNorms on the outputs (default: the model's
+            ``downstream_output_norms``, True for Swin as official).
         size_divisor: pad inputs right/bottom to a multiple of this.
-        swin_downstream_windows: shift odd window blocks everywhere (official downstream Swin).
+        downstream_windows: apply the model's downstream window rule (``set_downstream_windows``;
+            official downstream Swin shifts odd window blocks everywhere).
         **model_kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, tiny dims …).
     """
 
     def __init__(self, name: str, *, out_indices: Sequence[int] = (0, 1, 2, 3), agent_shapes: AgentShapesSpec = "official",
                  checkpoint=None, strict: bool = True, output_norms: Optional[bool] = None, size_divisor: int = 32,
-                 swin_downstream_windows: bool = True, **model_kwargs):
+                 downstream_windows: bool = True, **model_kwargs):
         super().__init__()
-        if name.startswith("agent_"):
-            import agent_attention.models  # noqa: F401  (registers the zoo with timm)
-        if not timm.is_model(name):
-            import difflib
-
-            close = difflib.get_close_matches(name, timm.list_models("agent_*") + timm.list_models(), n=3)
-            raise ValueError(f"unknown backbone {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        check_model_name(name, kind="backbone", see="")
         self.name, self.family = name, family_of(name)
         model_kwargs.setdefault("num_classes", 0)  # no classifier: a checkpoint's head is dropped below
         model = timm.create_model(name, pretrained=False, **model_kwargs)
@@ -190,11 +164,12 @@ class AgentBackbone(nn.Module):
         self.strides: List[int] = list(self.body.feature_info.reduction())
         self.size_divisor = int(size_divisor)
         num_stages = len(getattr(model, "feature_info", [])) or (max(out_indices) + 1)
-        self.agent_shapes = parse_agent_shapes(agent_shapes, self.family, num_stages)
+        self.agent_shapes = parse_agent_shapes(agent_shapes, getattr(model, "downstream_agent_shapes", None), num_stages)
         self.agent_modules = set_agent_shapes(self.body.model, self.agent_shapes)
-        self.shifted_blocks = _swin_downstream_windows(self.body.model) if (self.family == "swin" and swin_downstream_windows) else 0
+        window_rule = getattr(self.body.model, "set_downstream_windows", None)
+        self.shifted_blocks = window_rule() if (window_rule is not None and downstream_windows) else 0
         if output_norms is None:
-            output_norms = self.family == "swin"
+            output_norms = bool(getattr(model, "downstream_output_norms", False))
         self.output_norms = bool(output_norms)
         fresh = []
         if self.output_norms:

@@ -10,14 +10,16 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.models import register_notrace_function
 from torch import Tensor, nn
 
-from ._common import HW
+from .._grids import HW
 
 __all__ = ["pad_hw", "window_partition", "window_reverse", "relative_position_index", "shifted_window_mask",
            "window_padding_mask", "WindowAttention"]
 
 
+@register_notrace_function  # FX: a leaf (the padding depends on the map size)
 def pad_hw(x: Tensor, mult: HW) -> Tensor:
     """Zero-pad ``x (B, H, W, C)`` at the bottom/right to multiples of ``mult``."""
     H, W = x.shape[1:3]
@@ -113,10 +115,14 @@ class WindowAttention(nn.Module):
         """Relative position bias ``(h, N, N)`` for a ``window`` no larger than the table's."""
         idx = self.relative_position_index
         if tuple(window) != (self.window_size, self.window_size):
-            key = (tuple(window), idx.device)
-            if key not in self._index_cache:
-                self._index_cache[key] = relative_position_index(window, self.window_size).to(idx.device)
-            idx = self._index_cache[key]
+            if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+                # no caching: inference tensors cannot be used by autograd later; sizes may be symbolic
+                idx = relative_position_index(window, self.window_size).to(idx.device)
+            else:
+                key = (tuple(window), idx.device)
+                if key not in self._index_cache:
+                    self._index_cache[key] = relative_position_index(window, self.window_size).to(idx.device)
+                idx = self._index_cache[key]
         N = window[0] * window[1]
         return self.relative_position_bias_table[idx.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 

@@ -17,16 +17,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from torch import Tensor, nn
 
+from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
-from ._common import (HW, HierarchicalMixin, build, check_image, check_pool, default_cfg, init_linear_norm,
-                      merged_hw, parse_attn_type, parse_int_list, resize_agent_bias, resolve_norm_layer,
-                      run_blocks, take_indices, to_nchw)
+from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
+from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
+from ._resize import resize_agent_bias
 from ._safe_load import unwrap_state_dict
 from ._windows import pad_hw, window_padding_mask, window_partition, window_reverse
-from .registry import ALIASES, register_alias
+from .pretrained import official_url
+from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentCSWinTransformer", "LePEAttention", "CSWinAgentAttention", "CSWinBlock", "checkpoint_filter_fn"]
 
@@ -68,7 +70,7 @@ class _Stripes:
 class LePEAttention(nn.Module):
     """CSWin stripe attention: softmax attention per stripe window + ``get_v`` (locally-enhanced PE)."""
 
-    def __init__(self, dim: int, resolution: HW, idx: int, split_size: int, num_heads: int, attn_drop: float = 0.0,
+    def __init__(self, *, dim: int, resolution: HW, idx: int, split_size: int, num_heads: int, attn_drop: float = 0.0,
                  qk_scale: Optional[float] = None):
         super().__init__()
         self.dim, self.idx, self.split_size, self.num_heads = dim, idx, split_size, num_heads
@@ -101,7 +103,7 @@ class CSWinAgentAttention(AgentAttention):
     horizontal stripes like :class:`LePEAttention` (padded tokens are kept out of keys and agents).
     """
 
-    def __init__(self, dim: int, resolution: HW, idx: int, split_size: int, num_heads: int, agent_num: int,
+    def __init__(self, *, dim: int, resolution: HW, idx: int, split_size: int, num_heads: int, agent_num: int,
                  attn_drop: float = 0.0):
         window = _construction_window(idx, split_size, resolution)
         super().__init__(dim, num_heads, agent_num, window=window, qkv_layout="none", proj=False,
@@ -116,10 +118,11 @@ class CSWinAgentAttention(AgentAttention):
         return s.merge(out)
 
 
+@register_notrace_module  # FX: a leaf (stripe geometry and padding follow the actual map size)
 class CSWinBlock(nn.Module):
     """``x + proj(branches(qkv(norm1(x))))``, then ``x + mlp(norm2(x))`` (official CSWinBlock)."""
 
-    def __init__(self, dim: int, reso: HW, num_heads: int, split_size: int, mlp_ratio: float = 4.0,
+    def __init__(self, *, dim: int, reso: HW, num_heads: int, split_size: int, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, norm_layer=nn.LayerNorm, last_stage: bool = False, agent: bool = False,
                  agent_num: int = 49):
@@ -138,8 +141,10 @@ class CSWinBlock(nn.Module):
                 raise ValueError(f"CSWinBlock: two stripe branches need even dim and num_heads, got {dim}, {num_heads}")
             specs = [(dim // 2, num_heads // 2, 0), (dim // 2, num_heads // 2, 1)]
         self.attns = nn.ModuleList([
-            CSWinAgentAttention(d, reso, i, split_size, h, agent_num, attn_drop) if agent
-            else LePEAttention(d, reso, i, split_size, h, attn_drop, qk_scale)
+            CSWinAgentAttention(dim=d, resolution=reso, idx=i, split_size=split_size, num_heads=h, agent_num=agent_num,
+                                attn_drop=attn_drop) if agent
+            else LePEAttention(dim=d, resolution=reso, idx=i, split_size=split_size, num_heads=h, attn_drop=attn_drop,
+                               qk_scale=qk_scale)
             for d, h, i in specs])
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -165,7 +170,7 @@ class MergeBlock(nn.Module):
 
     output_hw = staticmethod(merged_hw)  # grid after this merge
 
-    def __init__(self, dim: int, dim_out: int, norm_layer=nn.LayerNorm):
+    def __init__(self, *, dim: int, dim_out: int, norm_layer=nn.LayerNorm):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim_out, 3, 2, 1)
         self.norm = norm_layer(dim_out)
@@ -217,7 +222,7 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
         self.num_classes, self.global_pool, self.in_chans = num_classes, check_pool(global_pool), in_chans
         self.output_fmt = "NHWC"
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (n - 1)
-        self.use_chk = use_chk
+        self.grad_checkpointing = bool(use_chk)
 
         self.stage1_conv_embed = nn.Sequential(nn.Conv2d(in_chans, embed_dim, 7, 4, 2), _ToTokens(), norm_layer(embed_dim))
         dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
@@ -225,11 +230,13 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
         dim = embed_dim
         for i in range(n):
             if i > 0:
-                self.add_module(f"merge{i}", MergeBlock(dim, dim * 2, norm_layer))
+                self.add_module(f"merge{i}", MergeBlock(dim=dim, dim_out=dim * 2, norm_layer=norm_layer))
                 dim *= 2
-            blocks = [CSWinBlock(dim, res[i], num_heads[i], la_splits[i] if plan[i][j] else splits[i], mlp_ratio,
-                                 qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[sum(depth[:i]) + j], norm_layer,
-                                 last_stage=i == n - 1, agent=plan[i][j], agent_num=agent_nums[i])
+            blocks = [CSWinBlock(dim=dim, reso=res[i], num_heads=num_heads[i],
+                                 split_size=la_splits[i] if plan[i][j] else splits[i], mlp_ratio=mlp_ratio,
+                                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                                 drop_path=dpr[sum(depth[:i]) + j], norm_layer=norm_layer, last_stage=i == n - 1,
+                                 agent=plan[i][j], agent_num=agent_nums[i])
                       for j in range(depth[i])]
             self.add_module(f"stage{i + 1}", nn.ModuleList(blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stage{i + 1}"))
@@ -251,14 +258,8 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
         return dict(stem=r"^stage1_conv_embed",
                     blocks=[(r"^stage(\d+)\.(\d+)", None), (r"^merge(\d+)", (99999,)), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.use_chk = enable
-
     def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
-        check_image(x, self.in_chans, type(self).__name__)
-        if x.shape[2] < 3 or x.shape[3] < 3:
-            raise ValueError(f"AgentCSWinTransformer: input must be at least 3x3, got {tuple(x.shape[2:])}")
+        check_image(x, self.in_chans, type(self).__name__, min_size=3)
         conv, to_tokens, norm = self.stage1_conv_embed
         x = conv(x)
         return norm(to_tokens(x)), (x.shape[2], x.shape[3])
@@ -272,7 +273,7 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
             yield merge, blocks
 
     def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, hw: HW) -> Tensor:
-        return run_blocks(blocks, x, hw, self.use_chk)
+        return run_blocks(blocks, x, hw, self.grad_checkpointing)
 
     def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
         """Per stage: its opening merge (``None`` for the first) and its blocks."""
@@ -287,6 +288,9 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
             x = self._run_blocks(blocks, x, hw)
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -309,16 +313,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: AgentCSWinTransfo
     return out
 
 
+def _cfg(name: str, size: int = 224, **kwargs) -> dict:
+    return default_cfg(first_conv="stage1_conv_embed.0", url=official_url(name), size=size,
+                       pool_size=(size // 32, size // 32), **kwargs)
+
+
 default_cfgs = generate_default_cfgs({
-    "agent_cswin_tiny": default_cfg("stage1_conv_embed.0"), "agent_cswin_small": default_cfg("stage1_conv_embed.0"),
-    "agent_cswin_base": default_cfg("stage1_conv_embed.0"),
-    "agent_cswin_base_384": default_cfg("stage1_conv_embed.0", 384),  # official eval of B-384 uses the 0.875 crop
+    "agent_cswin_tiny": _cfg("agent_cswin_tiny"), "agent_cswin_small": _cfg("agent_cswin_small"),
+    "agent_cswin_base": _cfg("agent_cswin_base"),
+    "agent_cswin_base_384": _cfg("agent_cswin_base_384", 384),  # official eval of B-384 uses the 0.875 crop
 })
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
-    return build(AgentCSWinTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
-
 
 _T = dict(embed_dim=64, depth=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7),
           agent_num=(9, 16, 49, 49), attn_type="AABB")
@@ -326,38 +330,43 @@ _S = dict(_T, depth=(3, 6, 29, 2))
 _B = dict(_S, embed_dim=96, num_heads=(4, 8, 16, 32))
 
 
-def _kw(base: dict, kwargs: dict, **defaults) -> dict:
-    out = {**base, **defaults, **kwargs}
+def _create_agent_cswin(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentCSWinTransformer:
+    kwargs = {**defaults, **kwargs}
     if "depths" in kwargs:  # timm-style spelling overrides the official ``depth``
-        out.pop("depth")
-    return out
+        kwargs.pop("depth", None)
+    return build(AgentCSWinTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 @register_model
 def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
     """Agent-CSWin-T 224 (83.1% top-1)."""
-    return _create("agent_cswin_tiny", pretrained, **_kw(_T, kwargs, drop_path_rate=0.2))
+    return _create_agent_cswin("agent_cswin_tiny", pretrained, dict(_T, drop_path_rate=0.2), kwargs)
 
 
 @register_model
 def agent_cswin_small(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
     """Agent-CSWin-S 224 (83.9%)."""
-    return _create("agent_cswin_small", pretrained, **_kw(_S, kwargs, drop_path_rate=0.4))
+    return _create_agent_cswin("agent_cswin_small", pretrained, dict(_S, drop_path_rate=0.4), kwargs)
 
 
 @register_model
 def agent_cswin_base(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
     """Agent-CSWin-B 224 (84.7%)."""
-    return _create("agent_cswin_base", pretrained, **_kw(_B, kwargs, drop_path_rate=0.5))
+    return _create_agent_cswin("agent_cswin_base", pretrained, dict(_B, drop_path_rate=0.5), kwargs)
 
 
 @register_model
 def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
     """Agent-CSWin-B 384 (85.8%)."""
-    return _create("agent_cswin_base_384", pretrained,
-                   **_kw(_B, kwargs, img_size=384, split_size=(1, 2, 12, 12), drop_path_rate=0.7))
+    return _create_agent_cswin("agent_cswin_base_384", pretrained,
+                               dict(_B, img_size=384, split_size=(1, 2, 12, 12), drop_path_rate=0.7), kwargs)
 
 
-for _alias, _name in ALIASES.items():
-    if _name.startswith("agent_cswin_"):
-        register_alias(_alias, globals()[_name])
+register_family(
+    __name__, AgentCSWinTransformer,
+    aliases={"agent_cswin_t": "agent_cswin_tiny", "agent_cswin_s": "agent_cswin_small",
+             "agent_cswin_b": "agent_cswin_base", "agent_cswin_b_384": "agent_cswin_base_384"},
+    paper_top1={"agent_cswin_tiny": 83.1, "agent_cswin_small": 83.9, "agent_cswin_base": 84.7,
+                "agent_cswin_base_384": 85.8},
+    test_kwargs=dict(embed_dim=16, depth=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), agent_num=[4, 9, 4, 4]),
+)

@@ -7,24 +7,26 @@ patch size (also non-square): the position embedding and the agent biases are re
 actual token grid, and at the construction size both resizes are skipped (exact official outputs).
 
 Registered with timm: ``agent_deit_tiny``, ``agent_deit_small``, ``agent_deit_small_448``,
-``agent_deit_base`` and the short aliases of :data:`agent_attention.models.registry.ALIASES`.
+``agent_deit_base`` and the short aliases ``agent_deit_t/s/s_448/b`` (declared at the end).
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from torch import Tensor, nn
 
+from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
-from ._common import (HW, AgentNum, ClassifierMixin, build, check_output_fmt, check_pool, check_weight_source,
-                      infer_square_grid, init_linear_norm, parse_agent_num, resize_agent_bias_tables, resize_pos_embed,
-                      run_blocks, take_indices, to_nchw)
+from ._config import AgentNum, parse_agent_num
+from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, init_linear_norm, run_blocks,
+                         take_indices, to_nchw)
+from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
 from ._safe_load import unwrap_state_dict
-from .registry import ALIASES, register_alias
+from .pretrained import official_url
+from .registry import build, check_weight_source, default_cfg, register_family
 
 __all__ = [
     "AgentVisionTransformer", "checkpoint_filter_fn", "parse_agent_num", "deit_agent_num",
@@ -51,12 +53,30 @@ def deit_agent_num(agent_num: AgentNum, block: int) -> int:
     return counts[entry]
 
 
+def grid_size(img_hw: Sequence[int], patch_size: int) -> HW:
+    """Token grid of an ``img_hw`` input; ValueError unless a positive multiple of the patch."""
+    H, W = (int(s) for s in img_hw)
+    p = patch_size
+    if H < p or W < p or H % p or W % p:
+        raise ValueError(f"input size {(H, W)} must be a positive multiple of the patch size {p} (Agent-DeiT)")
+    return H // p, W // p
+
+
+@register_notrace_function  # FX: a leaf (Python checks on the input's shape)
+def check_patch_multiple(x: Tensor, patch_size: int) -> None:
+    if torch.compiler.is_compiling():  # torch.export with a dynamic size: a run-time check, no specialisation
+        torch._check(x.shape[-2] % patch_size == 0 and x.shape[-1] % patch_size == 0,
+                     lambda: f"input size must be a multiple of the patch size {patch_size} (Agent-DeiT)")
+        return
+    grid_size(x.shape[-2:], patch_size)
+
+
 # ----------------------------------------------------------------------------------------- blocks
 class Block(nn.Module):
     """Pre-norm transformer block; ``attn`` is :class:`AgentAttention` (with the class token as a
     prefix token) when ``agent_num`` is given, else timm's softmax :class:`Attention` (SDPA)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, agent_num: Optional[int] = None,
                  window: Optional[HW] = None, norm_layer=nn.LayerNorm):
         super().__init__()
@@ -110,7 +130,7 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
             raise ValueError(f"img_size {img_hw} must be a multiple of patch_size {patch_size}")
         self.num_classes, self.global_pool, self.num_prefix_tokens = num_classes, global_pool, 1
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.patch_size, self.img_size, self.agent_layer = patch_size, img_hw, agent_layer
+        self.patch_size, self.img_size, self.agent_layer, self.in_chans = patch_size, img_hw, agent_layer, in_chans
         self.grid: HW = (img_hw[0] // patch_size, img_hw[1] // patch_size)
         self.grad_checkpointing = False
         norm_layer = lambda d: nn.LayerNorm(d, eps=norm_eps)  # noqa: E731
@@ -123,8 +143,9 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.agent_nums = [deit_agent_num(agent_num, i) if i < agent_layer else 0 for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i],
-                  agent_num=self.agent_nums[i] or None, window=self.grid, norm_layer=norm_layer)
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], agent_num=self.agent_nums[i] or None, window=self.grid,
+                  norm_layer=norm_layer)
             for i in range(depth)
         )
         self.norm = norm_layer(embed_dim)
@@ -153,16 +174,12 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
     # ------------------------------------------------------------------------------------- forward
     def grid_size(self, img_hw: Sequence[int]) -> HW:
         """Token grid for an input of size ``img_hw``; ValueError unless a multiple of the patch."""
-        H, W = (int(s) for s in img_hw)
-        p = self.patch_size
-        if H < p or W < p or H % p or W % p:
-            raise ValueError(f"input size {(H, W)} must be a positive multiple of the patch size {p} (Agent-DeiT)")
-        return H // p, W // p
+        return grid_size(img_hw, self.patch_size)
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        hw = self.grid_size(x.shape[-2:])
+        check_image(x, self.in_chans, "Agent-DeiT")
+        check_patch_multiple(x, self.patch_size)
+        hw = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + resize_pos_embed(self.pos_embed, self.grid, hw, num_prefix=1, mode="bicubic")
@@ -172,6 +189,9 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
         """Normalised tokens ``(B, 1 + H·W, C)`` (class token first)."""
         x, hw = self._embed(x)
         return self.norm(run_blocks(self.blocks, x, hw, self.grad_checkpointing))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
@@ -228,30 +248,22 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentVisionTransformer) -> Dic
 
 
 # ----------------------------------------------------------------------------------- registration
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-        "crop_mode": "squash",  # official eval: square resize to S/0.875, then center crop S
-        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
-    }
+def _cfg(name: str, **kwargs) -> dict:
+    # official eval: square resize to S/0.875, then center crop S
+    return default_cfg(first_conv="patch_embed.proj", url=official_url(name), crop_mode="squash", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_deit_tiny": _cfg(),
-    "agent_deit_small": _cfg(),
-    "agent_deit_small_448": _cfg(input_size=(3, 448, 448)),
-    "agent_deit_base": _cfg(),
+    "agent_deit_tiny": _cfg("agent_deit_tiny"),
+    "agent_deit_small": _cfg("agent_deit_small"),
+    "agent_deit_small_448": _cfg("agent_deit_small_448", size=448),
+    "agent_deit_base": _cfg("agent_deit_base"),
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    check_weight_source(variant, pretrained, kwargs)
-    return build(AgentVisionTransformer, variant, pretrained, checkpoint_filter_fn, **{"out_indices": 3, **kwargs})
-
-
-def _variant(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentVisionTransformer:
-    return _create(variant, pretrained, **{**defaults, **kwargs})
+def _create_agent_deit(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentVisionTransformer:
+    return build(AgentVisionTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                 **{"out_indices": 3, **defaults, **kwargs})
 
 
 _TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, agent_num=[49] * 4)
@@ -262,27 +274,32 @@ _BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_num=[81
 @register_model
 def agent_deit_tiny(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     """Agent-DeiT-T (224, 49 agents in all 12 blocks; 6.0M params, ImageNet top-1 74.9)."""
-    return _variant("agent_deit_tiny", pretrained, _TINY, kwargs)
+    return _create_agent_deit("agent_deit_tiny", pretrained, _TINY, kwargs)
 
 
 @register_model
 def agent_deit_small(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     """Agent-DeiT-S (224, 49 agents; 22.7M params, top-1 80.5)."""
-    return _variant("agent_deit_small", pretrained, _SMALL, kwargs)
+    return _create_agent_deit("agent_deit_small", pretrained, _SMALL, kwargs)
 
 
 @register_model
 def agent_deit_small_448(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     """Agent-DeiT-S at 448 (28x28 grid; 23.1M params, top-1 83.1)."""
-    return _variant("agent_deit_small_448", pretrained, dict(_SMALL, img_size=448), kwargs)
+    return _create_agent_deit("agent_deit_small_448", pretrained, dict(_SMALL, img_size=448), kwargs)
 
 
 @register_model
 def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
     """Agent-DeiT-B (224, 81 agents in blocks 0-3, softmax after; 87.2M params, top-1 82.0)."""
-    return _variant("agent_deit_base", pretrained, _BASE, kwargs)
+    return _create_agent_deit("agent_deit_base", pretrained, _BASE, kwargs)
 
 
-for _alias, _name in ALIASES.items():
-    if _name.startswith("agent_deit_"):
-        register_alias(_alias, globals()[_name])
+register_family(
+    __name__, AgentVisionTransformer,
+    aliases={"agent_deit_t": "agent_deit_tiny", "agent_deit_s": "agent_deit_small",
+             "agent_deit_s_448": "agent_deit_small_448", "agent_deit_b": "agent_deit_base"},
+    paper_top1={"agent_deit_tiny": 74.9, "agent_deit_small": 80.5, "agent_deit_small_448": 83.1,
+                "agent_deit_base": 82.0},
+    test_kwargs=dict(embed_dim=32, depth=5, num_heads=2, agent_num=4),
+)

@@ -16,17 +16,19 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from torch import Tensor, nn
 
+from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
-from ._common import (HW, AgentNum, ClassifierMixin, build, check_output_fmt, check_pool, check_weight_source,
-                      infer_square_grid, init_linear_norm, parse_agent_num, resize_agent_bias_tables, resize_pos_embed,
-                      run_blocks, take_indices)
+from ._config import AgentNum, parse_agent_num, per_stage
+from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, init_linear_norm, run_blocks,
+                         take_indices, to_nchw)
+from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
 from ._safe_load import unwrap_state_dict
-from .registry import ALIASES, register_alias
+from .pretrained import official_url
+from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentPyramidVisionTransformer", "SRAttention", "checkpoint_filter_fn"]
 
@@ -34,7 +36,7 @@ __all__ = ["AgentPyramidVisionTransformer", "SRAttention", "checkpoint_filter_fn
 class PatchEmbed(nn.Module):
     """Strided conv + LayerNorm (eps 1e-5, as the official patch embeds); returns tokens and grid."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
@@ -45,11 +47,17 @@ class PatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), hw
 
 
+@register_notrace_function  # FX: a leaf (Python check on the grid)
+def check_sr_grid(hw: HW, sr_ratio: int) -> None:
+    if min(hw) < sr_ratio:
+        raise ValueError(f"grid {tuple(hw)} is smaller than the spatial-reduction ratio {sr_ratio}")
+
+
 class SRAttention(nn.Module):
     """PVT spatial-reduction softmax attention ('B' stages): keys/values from a strided conv of the
     tokens (``sr``, kernel = stride = ``sr_ratio``) + LayerNorm (``norm``, eps 1e-5); SDPA."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
+    def __init__(self, *, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, sr_ratio: int = 1):
         super().__init__()
         if dim % num_heads:
@@ -71,8 +79,7 @@ class SRAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
         if self.sr_ratio > 1:
-            if min(hw) < self.sr_ratio:
-                raise ValueError(f"grid {hw} is smaller than the spatial-reduction ratio {self.sr_ratio}")
+            check_sr_grid(hw, self.sr_ratio)
             x = self.sr(x.transpose(1, 2).reshape(B, C, *hw)).flatten(2).transpose(1, 2)
             x = self.norm(x)
         k, v = self.kv(x).reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -84,16 +91,17 @@ class SRAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block (LN eps 1e-6): agent attention (``agent_num``) or spatial-reduction attention."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, qk_scale: Optional[float],
-                 drop: float, attn_drop: float, drop_path: float, window: HW, agent_num: Optional[int],
-                 sr_ratio: int, norm_eps: float = 1e-6):
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 window: HW, agent_num: Optional[int] = None, sr_ratio: int = 1, norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         if agent_num:
             self.attn = AgentAttention(dim, num_heads, agent_num, window=window, qkv_layout="split",
                                        qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         else:
-            self.attn = SRAttention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, sr_ratio)
+            self.attn = SRAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                                    attn_drop=attn_drop, proj_drop=drop, sr_ratio=sr_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -101,15 +109,6 @@ class Block(nn.Module):
     def forward(self, x: Tensor, hw: HW) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def _per_stage(value, n: int, what: str) -> list:
-    if isinstance(value, (int, float)):
-        return [value] * n
-    value = list(value)
-    if len(value) < n:
-        raise ValueError(f"{what} needs {n} entries (one per stage), got {value}")
-    return value[:n]
 
 
 class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
@@ -128,6 +127,9 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         global_pool: ``"avg"`` (mean over the last stage's tokens, official) or ``""``.
     """
 
+    #: official downstream agent grids (``downstream_agent_shapes`` of the mmdet / mmseg configs)
+    downstream_agent_shapes = ((12, 12), (16, 16), (28, 28), (28, 28))
+
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg",
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
@@ -141,18 +143,20 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         if S < 1:
             raise ValueError(f"num_stages must be >= 1, got {S}")
         check_pool(global_pool, self.global_pools)
-        embed_dims, num_heads = _per_stage(embed_dims, S, "embed_dims"), _per_stage(num_heads, S, "num_heads")
-        mlp_ratios, depths = _per_stage(mlp_ratios, S, "mlp_ratios"), _per_stage(depths, S, "depths")
-        sr_ratios = _per_stage(sr_ratios, S, "sr_ratios")
+        stages = dict(truncate=True)  # the official model takes the first num_stages entries
+        embed_dims = per_stage(embed_dims, S, "embed_dims", **stages)
+        num_heads = per_stage(num_heads, S, "num_heads", **stages)
+        mlp_ratios = per_stage(mlp_ratios, S, "mlp_ratios", cast=float, **stages)
+        depths, sr_ratios = per_stage(depths, S, "depths", **stages), per_stage(sr_ratios, S, "sr_ratios", **stages)
         agents = parse_agent_num(agent_num)
-        agents = _per_stage(agents * S if len(agents) == 1 else agents, S, "agent_num")
+        agents = per_stage(agents * S if len(agents) == 1 else agents, S, "agent_num", **stages)
         attn_type = (attn_type or "A" * S).upper()
         if len(attn_type) < S or set(attn_type[:S]) - {"A", "B"}:
             raise ValueError(
                 f"attn_type must have one letter 'A' (agent) or 'B' (PVT attention) per stage, got {attn_type!r}"
             )
         agent_sr = [int(r) for r in (agent_sr_ratios if not isinstance(agent_sr_ratios, int) else str(agent_sr_ratios))]
-        agent_sr = _per_stage(agent_sr, S, "agent_sr_ratios")
+        agent_sr = per_stage(agent_sr, S, "agent_sr_ratios", **stages)
         for i in range(S):
             if attn_type[i] == "A" and agent_sr[i] != 1:
                 raise NotImplementedError(
@@ -161,7 +165,7 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
                 )
         img_hw = to_2tuple_hw(img_size, "img_size")
         self.num_classes, self.global_pool, self.num_stages = num_classes, global_pool, S
-        self.patch_size, self.img_size, self.attn_type = patch_size, img_hw, attn_type[:S]
+        self.patch_size, self.img_size, self.attn_type, self.in_chans = patch_size, img_hw, attn_type[:S], in_chans
         self.embed_dims, self.agent_nums = list(embed_dims), [agents[i] if attn_type[i] == "A" else 0 for i in range(S)]
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
@@ -177,12 +181,14 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         cur = 0
         for i in range(S):
             dim, prev = embed_dims[i], in_chans if i == 0 else embed_dims[i - 1]
-            setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch_size if i == 0 else 2, prev, dim))
+            setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch_size=patch_size if i == 0 else 2, in_chans=prev,
+                                                            embed_dim=dim))
             setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grids[i][0] * grids[i][1], dim)))
             setattr(self, f"pos_drop{i + 1}", nn.Dropout(drop_rate))
             setattr(self, f"block{i + 1}", nn.ModuleList(
-                Block(dim, num_heads[i], mlp_ratios[i], qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[cur + j],
-                      grids[i], self.agent_nums[i] or None, sr_ratios[i], norm_eps)
+                Block(dim=dim, num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias, qk_scale=qk_scale,
+                      drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[cur + j], window=grids[i],
+                      agent_num=self.agent_nums[i] or None, sr_ratio=sr_ratios[i], norm_eps=norm_eps)
                 for j in range(depths[i])
             ))
             cur += depths[i]
@@ -214,11 +220,7 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        need = self.patch_size * 2 ** (self.num_stages - 1)
-        if x.shape[-2] < need or x.shape[-1] < need:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} too small for Agent-PVT: needs at least {need}x{need}")
+        check_image(x, self.in_chans, "Agent-PVT", min_size=self.patch_size * 2 ** (self.num_stages - 1))
 
     def _stage(self, i: int, x: Tensor) -> Tuple[Tensor, HW]:
         """Stage ``i`` (0-based) on an NCHW input; returns tokens ``(B, H·W, C)`` and the grid."""
@@ -227,16 +229,15 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         x = getattr(self, f"pos_drop{i + 1}")(x + pos)
         return run_blocks(getattr(self, f"block{i + 1}"), x, hw, self.grad_checkpointing), hw
 
-    @staticmethod
-    def _to_nchw(x: Tensor, hw: HW) -> Tensor:
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
-
     def forward_features(self, x: Tensor) -> Tensor:
         """Last-stage map ``(B, C, H/32, W/32)``."""
         self._check_input(x)
         for i in range(self.num_stages):
-            x = self._to_nchw(*self._stage(i, x))
+            x = to_nchw(*self._stage(i, x), contiguous=False)
         return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
@@ -254,7 +255,7 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         outs = []
         for i in range(last + 1):
             tokens, hw = self._stage(i, x)
-            x = self._to_nchw(tokens, hw)
+            x = to_nchw(tokens, hw, contiguous=False)
             if i in take:
                 outs.append(x if output_fmt == "NCHW" else tokens)
         if intermediates_only:
@@ -292,67 +293,66 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentPyramidVisionTransformer)
 
 
 # ----------------------------------------------------------------------------------- registration
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "crop_mode": "squash",  # official eval: square resize to int(S * 256 / 224), center crop S
-        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed1.proj", "classifier": "head", **kwargs,
-    }
+def _cfg(name: str, size: int = 224, **kwargs) -> dict:
+    # official eval: square resize to int(S * 256 / 224), center crop S
+    return default_cfg(first_conv="patch_embed1.proj", url=official_url(name), size=size,
+                       pool_size=(size // 32, size // 32), crop_mode="squash", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_tiny": _cfg(),
-    "agent_pvt_small": _cfg(),
-    "agent_pvt_medium": _cfg(),
-    "agent_pvt_medium_256": _cfg(input_size=(3, 256, 256), pool_size=(8, 8), crop_pct=256 / 292),
-    "agent_pvt_large": _cfg(),
+    "agent_pvt_tiny": _cfg("agent_pvt_tiny"),
+    "agent_pvt_small": _cfg("agent_pvt_small"),
+    "agent_pvt_medium": _cfg("agent_pvt_medium"),
+    "agent_pvt_medium_256": _cfg("agent_pvt_medium_256", 256, crop_pct=256 / 292),
+    "agent_pvt_large": _cfg("agent_pvt_large"),
 })
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
-    check_weight_source(variant, pretrained, kwargs)
-    return build(AgentPyramidVisionTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _COMMON = dict(patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4],
                qkv_bias=True, agent_num=[9, 16, 49, 49], attn_type="AAAA", agent_sr_ratios="1111")
 
 
-def _variant(variant: str, pretrained: bool, depths: List[int], kwargs: dict, **extra):
-    return _create(variant, pretrained, **{**_COMMON, "depths": depths, **extra, **kwargs})
+def _create_agent_pvt(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentPyramidVisionTransformer:
+    return build(AgentPyramidVisionTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                 **{**_COMMON, **defaults, **kwargs})
 
 
 @register_model
 def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     """Agent-PVT-T (depths 2-2-2-2; 11.6M params, ImageNet top-1 78.4)."""
-    return _variant("agent_pvt_tiny", pretrained, [2, 2, 2, 2], kwargs)
+    return _create_agent_pvt("agent_pvt_tiny", pretrained, dict(depths=[2, 2, 2, 2]), kwargs)
 
 
 @register_model
 def agent_pvt_small(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     """Agent-PVT-S (depths 3-4-6-3; 20.6M params, top-1 82.2)."""
-    return _variant("agent_pvt_small", pretrained, [3, 4, 6, 3], kwargs)
+    return _create_agent_pvt("agent_pvt_small", pretrained, dict(depths=[3, 4, 6, 3]), kwargs)
 
 
 @register_model
 def agent_pvt_medium(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     """Agent-PVT-M (depths 3-4-18-3; 35.9M params, top-1 83.4)."""
-    return _variant("agent_pvt_medium", pretrained, [3, 4, 18, 3], kwargs)
+    return _create_agent_pvt("agent_pvt_medium", pretrained, dict(depths=[3, 4, 18, 3]), kwargs)
 
 
 @register_model
 def agent_pvt_medium_256(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     """Agent-PVT-M at 256 (grids 64/32/16/8; 36.1M params, top-1 83.8)."""
-    return _variant("agent_pvt_medium_256", pretrained, [3, 4, 18, 3], kwargs, img_size=256)
+    return _create_agent_pvt("agent_pvt_medium_256", pretrained, dict(depths=[3, 4, 18, 3], img_size=256), kwargs)
 
 
 @register_model
 def agent_pvt_large(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTransformer:
     """Agent-PVT-L (official config file agent_pvt_b.yaml; depths 3-8-27-3; 48.7M params, top-1 83.7)."""
-    return _variant("agent_pvt_large", pretrained, [3, 8, 27, 3], kwargs)
+    return _create_agent_pvt("agent_pvt_large", pretrained, dict(depths=[3, 8, 27, 3]), kwargs)
 
 
-for _alias, _name in ALIASES.items():
-    if _name.startswith("agent_pvt_"):
-        register_alias(_alias, globals()[_name])
+register_family(
+    __name__, AgentPyramidVisionTransformer,
+    aliases={"agent_pvt_t": "agent_pvt_tiny", "agent_pvt_s": "agent_pvt_small", "agent_pvt_m": "agent_pvt_medium",
+             "agent_pvt_m_256": "agent_pvt_medium_256", "agent_pvt_l": "agent_pvt_large"},
+    paper_top1={"agent_pvt_tiny": 78.4, "agent_pvt_small": 82.2, "agent_pvt_medium": 83.4,
+                "agent_pvt_medium_256": 83.8, "agent_pvt_large": 83.7},
+    test_kwargs=dict(embed_dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2],
+                     agent_num=[4, 9, 4, 4]),
+)

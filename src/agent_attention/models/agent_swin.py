@@ -18,17 +18,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_function, register_notrace_module
 from torch import Tensor, nn
 
+from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
-from ._common import (HW, HierarchicalMixin, build, check_image, check_pool, default_cfg, init_linear_norm,
-                      merged_hw, parse_attn_type, parse_int_list, resize_agent_bias, resize_rel_pos_table,
-                      resolve_norm_layer, run_blocks, take_indices, to_nchw)
+from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
+from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
+from ._resize import resize_agent_bias, resize_rel_pos_table
 from ._safe_load import unwrap_state_dict
 from ._windows import (WindowAttention, pad_hw, relative_position_index, shifted_window_mask, window_padding_mask,
                        window_partition, window_reverse)
-from .registry import ALIASES, register_alias
+from .pretrained import official_url
+from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMerging", "checkpoint_filter_fn",
            "relative_position_index", "shifted_window_mask"]
@@ -36,10 +38,11 @@ __all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMe
 _GEOMETRY_BUFFERS = ("relative_position_index", "attn_mask")
 
 
+@register_notrace_module  # FX: a leaf (window geometry, padding and masks follow the actual map size)
 class AgentSwinBlock(nn.Module):
     """Pre-norm Swin block with agent attention (``agent=True``) or (shifted-)window attention."""
 
-    def __init__(self, dim: int, input_resolution: HW, num_heads: int, window_size: int = 7, shift_size: int = 0,
+    def __init__(self, *, dim: int, input_resolution: HW, num_heads: int, window_size: int = 7, shift_size: int = 0,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer=nn.LayerNorm, agent: bool = False,
                  agent_num: int = 49):
@@ -69,6 +72,15 @@ class AgentSwinBlock(nn.Module):
         self.register_buffer("attn_mask", mask)  # persistent, as in the official checkpoints
         self._mask_cache: Dict[tuple, Optional[Tensor]] = {}
 
+    def set_downstream_window(self) -> bool:
+        """Official downstream rule: an odd window block shifts by half its window even where the
+        classifier's window covers the map; True if this block changed."""
+        if self.agent or self.shift_size or self.window_size // 2 == 0:
+            return False
+        self.shift_size = self.window_size // 2
+        self.attn_mask = None  # computed for the actual map size at run time
+        return True
+
     def _geometry(self, hw: HW) -> Tuple[HW, HW, HW]:
         """(window, shift, padded size) for an actual map ``hw``."""
         H, W = hw
@@ -80,6 +92,9 @@ class AgentSwinBlock(nn.Module):
     def _mask(self, hw: HW, win: HW, shift: HW, padded: HW, ref: Tensor) -> Optional[Tensor]:
         if self.attn_mask is not None and tuple(hw) == self.input_resolution:
             return self.attn_mask  # the registered buffer: exact official values
+        if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():  # no caching (see position_bias)
+            m = shifted_window_mask(hw, padded, win, shift, device=ref.device)
+            return None if m is None else m.to(ref.dtype)
         key = (tuple(hw), ref.device, ref.dtype)
         if key not in self._mask_cache:
             if len(self._mask_cache) > 8:
@@ -121,21 +136,33 @@ class AgentSwinBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+@register_notrace_function  # FX: a leaf (the padding depends on the input size)
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Zero-pad an image batch at the bottom/right to a multiple of ``multiple``."""
+    ph, pw = (-x.shape[2]) % multiple, (-x.shape[3]) % multiple
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+@register_notrace_function  # FX: a leaf (resizes only off the construction grid)
+def absolute_pos_embed(pos: Tensor, grid: HW, hw: HW) -> Tensor:
+    """The absolute position embedding ``(1, H·W, C)`` of grid ``grid`` for a map ``hw`` (bicubic)."""
+    if tuple(hw) == tuple(grid):
+        return pos
+    pos = to_nchw(pos, grid)
+    return F.interpolate(pos, size=hw, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+
+
 class PatchEmbed(nn.Module):
     """Conv patchify + optional LayerNorm; pads the image at the bottom/right to the patch size."""
 
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=None):
+    def __init__(self, *, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=None):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = norm_layer(embed_dim) if norm_layer is not None else None
 
     def forward(self, x: Tensor) -> Tuple[Tensor, HW]:
-        p = self.patch_size
-        ph, pw = (-x.shape[2]) % p, (-x.shape[3]) % p
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        x = self.proj(x)
+        x = self.proj(pad_to_multiple(x, self.patch_size))
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
         return (x if self.norm is None else self.norm(x)), hw
@@ -146,7 +173,7 @@ class PatchMerging(nn.Module):
 
     output_hw = staticmethod(merged_hw)  # grid after this merge
 
-    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+    def __init__(self, *, dim: int, norm_layer=nn.LayerNorm):
         super().__init__()
         self.dim = dim
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
@@ -162,20 +189,26 @@ class PatchMerging(nn.Module):
 class AgentSwinStage(nn.Module):
     """One stage (official ``BasicLayer``): blocks, then the optional downsample at its end."""
 
-    def __init__(self, dim: int, input_resolution: HW, depth: int, num_heads: int, agent_window: int,
-                 window: int, agent_flags: Sequence[bool], agent_num: int, mlp_ratio: float, qkv_bias: bool,
-                 qk_scale: Optional[float], drop: float, attn_drop: float, drop_path: Sequence[float], norm_layer,
-                 downsample: bool):
+    def __init__(self, *, dim: int, input_resolution: HW, depth: int, num_heads: int, agent_window: int,
+                 window: int, agent_flags: Sequence[bool], agent_num: int, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: Sequence[float], norm_layer=nn.LayerNorm, downsample: bool = False):
         super().__init__()
         self.dim, self.input_resolution, self.grad_checkpointing = dim, tuple(input_resolution), False
         blocks = []
         for j in range(depth):
             ws = agent_window if agent_flags[j] else window
             blocks.append(AgentSwinBlock(
-                dim, input_resolution, num_heads, ws, 0 if j % 2 == 0 else ws // 2, mlp_ratio, qkv_bias, qk_scale,
-                drop, attn_drop, drop_path[j], norm_layer, agent=agent_flags[j], agent_num=agent_num))
+                dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=ws,
+                shift_size=0 if j % 2 == 0 else ws // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                drop=drop, attn_drop=attn_drop, drop_path=drop_path[j], norm_layer=norm_layer, agent=agent_flags[j],
+                agent_num=agent_num))
         self.blocks = nn.ModuleList(blocks)
-        self.downsample = PatchMerging(dim, norm_layer) if downsample else None
+        self.downsample = PatchMerging(dim=dim, norm_layer=norm_layer) if downsample else None
+
+    def set_downstream_windows(self) -> int:
+        """Shift every odd window block (official downstream Swin); returns how many changed."""
+        return sum(blk.set_downstream_window() for j, blk in enumerate(self.blocks) if j % 2 == 1)
 
     def forward_blocks(self, x: Tensor, hw: HW) -> Tensor:
         return run_blocks(self.blocks, x, hw, self.grad_checkpointing)
@@ -194,8 +227,14 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
     ``window_size`` is the window of agent blocks (``None``: the patch grid, i.e. global agent
     attention, as every released config); window blocks use ``max(7, window_size // 8)``.
     ``agent_num``: one int, or one int/str per stage. ``attn_type``: see the module docstring.
-    Other arguments follow the official class (``qk_scale`` applies to window blocks only).
+    Other arguments follow the official class (``qk_scale`` applies to window blocks only;
+    ``use_checkpoint`` = :meth:`set_grad_checkpointing`).
     """
+
+    #: official downstream agent grids (``downstream_agent_shapes`` of the mmdet / mmseg configs)
+    downstream_agent_shapes = ((9, 9), (12, 12), (14, 14), (7, 7))
+    #: the official downstream Swin adds a LayerNorm on each stage output
+    downstream_output_norms = True
 
     def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 96,
@@ -219,7 +258,8 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
         self.mlp_ratio, self.output_fmt = mlp_ratio, "NHWC"
         self.patches_resolution = grid
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
+        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      norm_layer=norm_layer if patch_norm else None)
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
@@ -231,9 +271,10 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
         for i in range(n):
             dim = int(embed_dim * 2 ** i)
             self.layers.append(AgentSwinStage(
-                dim, res, depths[i], num_heads[i], window_size, max(7, window_size // 8), plan[i], agent_nums[i],
-                mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[sum(depths[:i]):sum(depths[: i + 1])],
-                norm_layer, downsample=i < n - 1))
+                dim=dim, input_resolution=res, depth=depths[i], num_heads=num_heads[i], agent_window=window_size,
+                window=max(7, window_size // 8), agent_flags=plan[i], agent_num=agent_nums[i], mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])], norm_layer=norm_layer, downsample=i < n - 1))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
             res = merged_hw(res)
         self.norm = norm_layer(self.num_features)
@@ -262,18 +303,21 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
         for layer in self.layers:
             layer.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_downstream_windows(self) -> int:
+        """Official downstream Swin: shift every odd window block everywhere (the downstream model
+        never caps the window at the map); returns how many blocks changed."""
+        return sum(layer.set_downstream_windows() for layer in self.layers)
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
         check_image(x, self.in_chans, type(self).__name__)
         x, hw = self.patch_embed(x)
         if self.ape:
-            pos = self.absolute_pos_embed
-            if hw != self.patches_resolution:
-                pos = to_nchw(pos, self.patches_resolution)
-                pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
-            x = x + pos
+            x = x + absolute_pos_embed(self.absolute_pos_embed, self.patches_resolution, hw)
         return self.pos_drop(x), hw
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -284,6 +328,9 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
             hw = layer.output_hw(hw)
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
         """Per stage: the previous stage's closing merge (``None`` for the first) and its blocks."""
@@ -322,52 +369,62 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: AgentSwinTransfor
     return out
 
 
+def _cfg(name: str, size: int = 224, **kwargs) -> dict:
+    return default_cfg(first_conv="patch_embed.proj", url=official_url(name), size=size,
+                       pool_size=(size // 32, size // 32), **kwargs)
+
+
 default_cfgs = generate_default_cfgs({
-    "agent_swin_tiny": default_cfg("patch_embed.proj"), "agent_swin_small": default_cfg("patch_embed.proj"),
-    "agent_swin_small_288": default_cfg("patch_embed.proj", 288, 1.0),  # official eval: no crop
-    "agent_swin_base": default_cfg("patch_embed.proj"), "agent_swin_base_384": default_cfg("patch_embed.proj", 384, 1.0),
+    "agent_swin_tiny": _cfg("agent_swin_tiny"), "agent_swin_small": _cfg("agent_swin_small"),
+    "agent_swin_small_288": _cfg("agent_swin_small_288", 288, crop_pct=1.0),  # official eval: no crop
+    "agent_swin_base": _cfg("agent_swin_base"), "agent_swin_base_384": _cfg("agent_swin_base_384", 384, crop_pct=1.0),
 })
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    return build(AgentSwinTransformer, variant, pretrained, checkpoint_filter_fn, **kwargs)
-
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), agent_num=(9, 16, 49, 49), attn_type="AAAB")
 _S = dict(_T, depths=(2, 2, 18, 2), attn_type="AABB")
 _B = dict(_S, embed_dim=128, num_heads=(4, 8, 16, 32), attn_type="AAMB2")
 
 
+def _create_agent_swin(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentSwinTransformer:
+    return build(AgentSwinTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn, **{**defaults, **kwargs})
+
+
 @register_model
 def agent_swin_tiny(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-T 224 (82.6% top-1)."""
-    return _create("agent_swin_tiny", pretrained, **{**_T, "drop_path_rate": 0.2, **kwargs})
+    return _create_agent_swin("agent_swin_tiny", pretrained, dict(_T, drop_path_rate=0.2), kwargs)
 
 
 @register_model
 def agent_swin_small(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-S 224 (83.7%)."""
-    return _create("agent_swin_small", pretrained, **{**_S, "drop_path_rate": 0.3, **kwargs})
+    return _create_agent_swin("agent_swin_small", pretrained, dict(_S, drop_path_rate=0.3), kwargs)
 
 
 @register_model
 def agent_swin_small_288(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-S 288 (84.1%), evaluated without crop."""
-    return _create("agent_swin_small_288", pretrained, **{**_S, "img_size": 288, "drop_path_rate": 0.3, **kwargs})
+    return _create_agent_swin("agent_swin_small_288", pretrained, dict(_S, img_size=288, drop_path_rate=0.3), kwargs)
 
 
 @register_model
 def agent_swin_base(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-B 224 (84.0%)."""
-    return _create("agent_swin_base", pretrained, **{**_B, "drop_path_rate": 0.5, **kwargs})
+    return _create_agent_swin("agent_swin_base", pretrained, dict(_B, drop_path_rate=0.5), kwargs)
 
 
 @register_model
 def agent_swin_base_384(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-B 384 (84.9%), evaluated without crop."""
-    return _create("agent_swin_base_384", pretrained, **{**_B, "img_size": 384, "drop_path_rate": 0.5, **kwargs})
+    return _create_agent_swin("agent_swin_base_384", pretrained, dict(_B, img_size=384, drop_path_rate=0.5), kwargs)
 
 
-for _alias, _name in ALIASES.items():
-    if _name.startswith("agent_swin_"):
-        register_alias(_alias, globals()[_name])
+register_family(
+    __name__, AgentSwinTransformer,
+    aliases={"agent_swin_t": "agent_swin_tiny", "agent_swin_s": "agent_swin_small",
+             "agent_swin_s_288": "agent_swin_small_288", "agent_swin_b": "agent_swin_base",
+             "agent_swin_b_384": "agent_swin_base_384"},
+    paper_top1={"agent_swin_tiny": 82.6, "agent_swin_small": 83.7, "agent_swin_small_288": 84.1,
+                "agent_swin_base": 84.0, "agent_swin_base_384": 84.9},
+    test_kwargs=dict(embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), agent_num=[4, 9, 4, 4]),
+)

@@ -1,39 +1,30 @@
-"""Model names: official names and short aliases, plus the helpers the family files share."""
+"""The model registry: each family file declares itself here; timm registration, names, cfgs, builds.
+
+A family file (``agent_<family>.py``) calls :func:`register_family` once, after its
+``@register_model`` functions, with its short aliases and the paper's top-1 per model; the merged
+views :data:`ALIASES`, :data:`PAPER_TOP1` and :data:`FAMILIES` are filled from those calls.
+:func:`default_cfg` and :func:`build` are the cfg / builder every family uses (``pool_size``,
+``first_conv`` and ``classifier`` by timm's rules, the official download URL, the checkpoint filter,
+the ``getter`` feature wrapper).
+"""
 from __future__ import annotations
 
+import difflib
 import sys
+from typing import Dict, Iterable, List, Optional, Tuple
 
-# short alias -> official name (DESIGN.md: official names of the manifests plus short aliases)
-ALIASES = {
-    "agent_deit_t": "agent_deit_tiny",
-    "agent_deit_s": "agent_deit_small",
-    "agent_deit_s_448": "agent_deit_small_448",
-    "agent_deit_b": "agent_deit_base",
-    "agent_pvt_t": "agent_pvt_tiny",
-    "agent_pvt_s": "agent_pvt_small",
-    "agent_pvt_m": "agent_pvt_medium",
-    "agent_pvt_m_256": "agent_pvt_medium_256",
-    "agent_pvt_l": "agent_pvt_large",
-    "agent_swin_t": "agent_swin_tiny",
-    "agent_swin_s": "agent_swin_small",
-    "agent_swin_s_288": "agent_swin_small_288",
-    "agent_swin_b": "agent_swin_base",
-    "agent_swin_b_384": "agent_swin_base_384",
-    "agent_cswin_t": "agent_cswin_tiny",
-    "agent_cswin_s": "agent_cswin_small",
-    "agent_cswin_b": "agent_cswin_base",
-    "agent_cswin_b_384": "agent_cswin_base_384",
-}
+__all__ = ["ALIASES", "PAPER_TOP1", "FAMILIES", "TEST_KWARGS", "register_family", "register_alias", "family_of", "model_class",
+           "check_model_name", "default_cfg", "build", "check_weight_source"]
 
-# ImageNet top-1 reported in the paper / official README, by official name
-PAPER_TOP1 = {
-    "agent_deit_tiny": 74.9, "agent_deit_small": 80.5, "agent_deit_small_448": 83.1, "agent_deit_base": 82.0,
-    "agent_pvt_tiny": 78.4, "agent_pvt_small": 82.2, "agent_pvt_medium": 83.4, "agent_pvt_medium_256": 83.8,
-    "agent_pvt_large": 83.7,
-    "agent_swin_tiny": 82.6, "agent_swin_small": 83.7, "agent_swin_small_288": 84.1, "agent_swin_base": 84.0,
-    "agent_swin_base_384": 84.9,
-    "agent_cswin_tiny": 83.1, "agent_cswin_small": 83.9, "agent_cswin_base": 84.7, "agent_cswin_base_384": 85.8,
-}
+#: short alias -> official name, from every registered family
+ALIASES: Dict[str, str] = {}
+#: ImageNet top-1 reported in the paper / official README, by official name
+PAPER_TOP1: Dict[str, float] = {}
+#: registered family prefixes (``"agent_swin"`` ...) -> their model class
+FAMILIES: Dict[str, type] = {}
+#: family prefix -> constructor kwargs of a tiny model of the family (the contract tests use them)
+TEST_KWARGS: Dict[str, dict] = {}
+_FAMILY_OF: Dict[str, str] = {}  # every registered name (official and alias) -> family prefix
 
 
 def register_alias(alias: str, fn):
@@ -50,3 +41,109 @@ def register_alias(alias: str, fn):
     registered = register_model(_alias)  # timm lists the name in the module's __all__ ...
     setattr(sys.modules[fn.__module__], alias, registered)  # ... so the module must define it
     return registered
+
+
+def register_family(module_name: str, model_cls: type, *, aliases: Dict[str, str], paper_top1: Dict[str, float],
+                    test_kwargs: dict) -> None:
+    """Declare the family of module ``module_name`` (its ``@register_model`` functions are already
+    registered): register the short ``aliases`` (alias -> official name) with timm and record the
+    names, the class, the paper's top-1 and ``test_kwargs`` (a tiny model of the family, for
+    ``tests/test_model_contract.py``)."""
+    module = sys.modules[module_name]
+    prefix = module_name.rsplit(".", 1)[-1]
+    if not prefix.startswith("agent_"):
+        raise ValueError(f"a family module is named agent_<family>.py, got {module_name!r}")
+    FAMILIES[prefix] = model_cls
+    TEST_KWARGS[prefix] = dict(test_kwargs)
+    for name, top1 in paper_top1.items():
+        if not callable(getattr(module, name, None)):
+            raise ValueError(f"{prefix}: paper_top1 names {name!r}, which the module does not register")
+        PAPER_TOP1[name] = top1
+        _FAMILY_OF[name] = prefix
+    for alias, name in aliases.items():
+        register_alias(alias, getattr(module, name))
+        ALIASES[alias] = name
+        _FAMILY_OF[alias] = prefix
+
+
+def family_of(name: str) -> Optional[str]:
+    """The family of a zoo model name (official or alias) without the ``agent_`` prefix
+    (``'swin'``), or ``None`` for other names."""
+    prefix = _FAMILY_OF.get(name)
+    return prefix[len("agent_"):] if prefix else None
+
+
+def model_class(family: str) -> Optional[type]:
+    """The model class of a family (``'swin'`` or ``'agent_swin'``), or ``None``."""
+    return FAMILIES.get(family if family.startswith("agent_") else f"agent_{family}")
+
+
+def check_model_name(name: str, known: Optional[Iterable[str]] = None, *, kind: str = "model",
+                     see: str = "`agent-attention models` for the list") -> None:
+    """ValueError ``unknown <kind> 'name'; did you mean ...?`` unless ``name`` is in ``known`` (default:
+    every timm model, ours included)."""
+    if known is None:
+        import timm
+
+        if timm.is_model(name):
+            return
+        known = timm.list_models("agent_*") + timm.list_models()
+    known = list(known)
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown {kind} {name!r}{hint}" + (f" (see {see})" if see else ""))
+
+
+# ---------------------------------------------------------------- cfgs and builds
+def default_cfg(*, first_conv: str, size: int = 224, pool_size: Optional[Tuple[int, int]] = None, **kwargs) -> dict:
+    """timm pretrained cfg of a released model (ImageNet-1k, bicubic, ImageNet mean/std, crop 0.875).
+
+    ``pool_size``: the unpooled feature grid at ``size`` (timm's rule; ``None`` for token outputs).
+    Other keys (``crop_pct``, ``crop_mode``, ``url``, ``hf_hub_id`` ...) override the defaults.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {"url": "", "num_classes": 1000, "input_size": (3, size, size), "pool_size": pool_size, "crop_pct": 0.875,
+            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": first_conv, "classifier": "head",
+            "paper_ids": "arXiv:2312.08874", **kwargs}
+
+
+def _has_source(cfg) -> bool:
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    return cfg is not None and any(get(k) for k in ("file", "url", "hf_hub_id", "state_dict"))
+
+
+def check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
+    """``pretrained=True`` needs a weight source (the registered cfg's URL / hub id, or a
+    ``pretrained_cfg(_overlay)`` with one): raise instead of timm's silent fallback to random weights."""
+    if not pretrained:
+        return
+    from timm.models import get_pretrained_cfg
+
+    cfgs = [kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg") or get_pretrained_cfg(variant)]
+    if not any(_has_source(c) for c in cfgs):
+        raise ValueError(
+            f"{variant}: no released weights can be downloaded for this model; load a local file with "
+            "agent_attention.models.create_model(name, checkpoint_path=...) or pretrained_cfg_overlay=dict(file=...)"
+        )
+
+
+def build(model_cls, variant: str, pretrained: bool = False, *, filter_fn, out_indices=(0, 1, 2, 3), **kwargs):
+    """Every family's builder: the weight-source check, :func:`~.pretrained.prepare_pretrained`, then
+    ``build_model_with_cfg`` with the family's checkpoint filter and a ``getter`` feature wrapper."""
+    from timm.models import build_model_with_cfg
+
+    from .pretrained import prepare_pretrained
+
+    kwargs = prepare_pretrained(variant, pretrained, kwargs)
+    check_weight_source(variant, pretrained, kwargs)
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+
+
+def official_names() -> List[str]:
+    """The official names of every registered model, family by family."""
+    return list(PAPER_TOP1)

@@ -23,6 +23,7 @@ def build_model(name: str, num_classes: Optional[int], *, img_size: Optional[int
     import timm
 
     from ..models import create_model, list_models
+    from ..models.registry import check_model_name
 
     kwargs = dict(model_kwargs or {})
     if num_classes is not None:
@@ -35,12 +36,7 @@ def build_model(name: str, num_classes: Optional[int], *, img_size: Optional[int
         if img_size:
             kwargs.setdefault("img_size", img_size)
         return create_model(name, **kwargs)
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, list_models() + timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (see `agent-attention models`)")
+    check_model_name(name, see="`agent-attention models`")
     if img_size and "img_size" not in kwargs:
         try:
             return timm.create_model(name, img_size=img_size, **kwargs)
