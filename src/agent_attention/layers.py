@@ -37,6 +37,7 @@ from ._grids import (
     resize_agents,
     to_2tuple_hw,
     to_tuple_hw,
+    fx_tracing,
     tracing,
 )
 from .functional import agent_attention
@@ -327,7 +328,7 @@ class AgentAttention(nn.Module):
         return b1, b2
 
     def _check_tokens(self, x: Tensor, hw, name: str) -> Optional[tuple]:
-        if torch.fx._symbolic_trace.is_fx_tracing():  # sizes are graph values: checked at run time of the graph only
+        if fx_tracing():  # sizes are graph values: checked at run time of the graph only
             return None if hw is None else to_tuple_hw(hw, self.ndim)
         if not isinstance(x, Tensor):
             raise TypeError(f"AgentAttention: {name} must be a tensor, got {type(x).__name__}")
@@ -350,7 +351,7 @@ class AgentAttention(nn.Module):
         return grid
 
     def _check_dtype_device(self, t: Tensor, name: str) -> None:
-        if torch.fx._symbolic_trace.is_fx_tracing():
+        if fx_tracing():
             return
         w = next(self.parameters(), None)
         if w is None:
@@ -381,7 +382,7 @@ class AgentAttention(nn.Module):
         """
         if self.qkv_layout == "none":
             raise RuntimeError("AgentAttention(qkv_layout='none') has no projections: call attend(q, k, v, hw)")
-        if not torch.fx._symbolic_trace.is_fx_tracing() and (x.dim() != 3 or x.shape[-1] != self.dim):
+        if not fx_tracing() and (x.dim() != 3 or x.shape[-1] != self.dim):
             raise ValueError(f"AgentAttention: x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
         self._check_dtype_device(x, "x")
         if context is not None:
@@ -395,7 +396,7 @@ class AgentAttention(nn.Module):
                 k, v = self.kv(x).unflatten(-1, (2, C)).unbind(-2)
             out = self.attend(q, k, v, hw, key_padding_mask=key_padding_mask)
         else:
-            if not torch.fx._symbolic_trace.is_fx_tracing() and (
+            if not fx_tracing() and (
                     context.dim() != 3 or context.shape[-1] != C or context.shape[0] != x.shape[0]):
                 raise ValueError(
                     f"AgentAttention: context must have shape ({x.shape[0]}, tokens, {C}), got {tuple(context.shape)}"
@@ -431,7 +432,7 @@ class AgentAttention(nn.Module):
         """
         qhw = self._check_tokens(q, hw, "x")
         khw = self._check_tokens(k, key_hw, "context") if cross else qhw
-        if not torch.fx._symbolic_trace.is_fx_tracing():
+        if not fx_tracing():
             _check_attend_inputs(self, q, k, v, key_padding_mask)
         N, M = q.shape[1], k.shape[1]
         P = self.num_prefix_tokens
