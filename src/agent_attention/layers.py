@@ -15,6 +15,7 @@ checkpoints.  The attention itself is :func:`agent_attention.functional.agent_at
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -413,6 +414,15 @@ class AgentAttention(nn.Module):
             out = self.proj_drop(self.proj(out))
         return out
 
+    def register_attend_hook(self, hook) -> "torch.utils.hooks.RemovableHandle":
+        """Call ``hook(module, q, k, v, hw, kwargs)`` at every :meth:`attend` (projected inputs, before
+        the agents are pooled); returns a handle whose ``remove()`` unregisters it. Used by the
+        visualisation to capture what a block receives."""
+        hooks = self.__dict__.setdefault("_attend_hooks", collections.OrderedDict())
+        handle = torch.utils.hooks.RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
     def attention_inputs(
         self,
         q: Tensor,
@@ -466,6 +476,10 @@ class AgentAttention(nn.Module):
 
         Adds the DWC branch for self-attention (``cross=False``); no output projection.
         """
+        hooks = self.__dict__.get("_attend_hooks")
+        if hooks:
+            for hook in tuple(hooks.values()):
+                hook(self, q, k, v, hw, dict(key_hw=key_hw, key_padding_mask=key_padding_mask, cross=cross))
         t = self.attention_inputs(q, k, v, hw, key_hw=key_hw, key_padding_mask=key_padding_mask, cross=cross)
         B, N, C = q.shape
         P = self.num_prefix_tokens
