@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_attention import agent_attention, agent_attention_math, agent_feature_maps
-from agent_attention.functional import fused, fused_enabled
+from agent_attention.functional import fused, fused_enabled, path
 
 
 def _inputs(B, h, N, M, n, d, dtype=torch.float32, seed=0):
@@ -129,7 +129,6 @@ def test_bad_inputs(mutate, err, match):
 
 
 # ---------------------------------------------------------------- every kernel path against the math
-from agent_attention.functional import path  # noqa: E402
 
 
 @pytest.mark.parametrize("kernels", ["sdpa", "gemm", "auto"])

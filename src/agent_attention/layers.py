@@ -30,6 +30,7 @@ from ._grids import (
     agent_bias_2d,
     agent_bias_3d,
     channels_last_grid_3d,
+    fx_tracing,
     pool_agents,
     query_bias_2d,
     query_bias_3d,
@@ -38,7 +39,6 @@ from ._grids import (
     resize_agents,
     to_2tuple_hw,
     to_tuple_hw,
-    fx_tracing,
     tracing,
 )
 from .functional import agent_attention

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .functional import agent_feature_maps
 from ._atomic import atomic_path
+from .functional import agent_feature_maps
 from .layers import AgentAttention, to_2tuple_hw
 
 __all__ = ["AgentCall", "load_image", "capture_agent_calls", "select_call", "agent_maps", "draw", "main"]
