@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_attention import agent_attention, agent_attention_math, agent_feature_maps
-from agent_attention.functional import fused, fused_enabled
+from agent_attention.functional import fused, fused_enabled, path
 
 
 def _inputs(B, h, N, M, n, d, dtype=torch.float32, seed=0):
@@ -126,3 +126,59 @@ def test_bad_inputs(mutate, err, match):
     kw = {key: t.pop(key) for key in ("agent_bias", "query_bias", "key_padding_mask") if key in t}
     with pytest.raises(err, match=match):
         agent_attention(t["q"], t["k"], t["v"], t["agents"], **kw)
+
+
+# ---------------------------------------------------------------- every kernel path against the math
+
+
+@pytest.mark.parametrize("kernels", ["sdpa", "gemm", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias,mask", [(False, False), (True, False), (True, True), (False, True)])
+def test_every_path_matches_math_fwd_and_grad(kernels, dtype, bias, mask):
+    q, k, v, a, b1, b2 = _inputs(2, 3, 17, 23, 5, 8, dtype=dtype, seed=3)
+    kw = dict(agent_bias=b1, query_bias=b2) if bias else {}
+    if mask:
+        kpm = torch.zeros(2, 23, dtype=torch.bool)
+        kpm[0, 15:] = True
+        kw["key_padding_mask"] = kpm
+    leaves = [t.requires_grad_() for t in (q, k, v, a, b1, b2)]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    with path(kernels):
+        out = agent_attention(q, k, v, a, **kw)
+        with torch.no_grad():
+            out_ng = agent_attention(q, k, v, a, **kw)
+    ref = agent_attention_math(q, k, v, a, **kw)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out_ng, ref.detach(), **tol)
+    go = torch.randn_like(out)
+    g = torch.autograd.grad(out, leaves, go, allow_unused=True)
+    gr = torch.autograd.grad(ref, leaves, go, allow_unused=True)
+    for x, y in zip(g, gr):
+        if y is None:
+            assert x is None or x.abs().max() == 0
+        else:
+            torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("kernels", ["sdpa", "gemm"])
+def test_gradcheck_paths(kernels):
+    q, k, v, a, b1, b2 = (t.requires_grad_() for t in _inputs(1, 2, 6, 7, 3, 4, dtype=torch.float64, seed=4))
+    with path(kernels):
+        assert torch.autograd.gradcheck(
+            lambda *t: agent_attention(*t[:4], agent_bias=t[4], query_bias=t[5]), (q, k, v, a, b1, b2))
+
+
+@pytest.mark.parametrize("kernels", ["sdpa", "gemm"])
+def test_dropout_semantics_on_every_path(kernels):
+    q, k, v, a, b1, b2 = _inputs(2, 2, 40, 40, 6, 8, seed=5)
+    with path(kernels):
+        torch.manual_seed(0)
+        y1 = agent_attention(q, k, v, a, agent_bias=b1, query_bias=b2, dropout_p=0.5)
+        torch.manual_seed(1)
+        y2 = agent_attention(q, k, v, a, agent_bias=b1, query_bias=b2, dropout_p=0.5)
+        y0 = agent_attention(q, k, v, a, agent_bias=b1, query_bias=b2, dropout_p=0.0)
+    assert torch.isfinite(y1).all() and not torch.allclose(y1, y2)
+    torch.testing.assert_close(y0, agent_attention_math(q, k, v, a, agent_bias=b1, query_bias=b2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="path"):
+        with path("fast"):
+            pass

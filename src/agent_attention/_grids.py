@@ -18,6 +18,12 @@ from torch import Tensor
 HW = Tuple[int, int]
 
 
+def fx_tracing() -> bool:
+    """Whether FX symbolic tracing (``torch.fx.symbolic_trace``, timm/torchvision feature extraction)
+    is running: sizes are then graph values, not ints."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def tracing() -> bool:
     """Whether the code runs under a graph capture that needs shape-generic code: ``torch.export``
     (also behind ``torch.onnx.export(dynamo=True)``), the TorchScript/legacy-ONNX tracer, or FX
@@ -27,7 +33,7 @@ def tracing() -> bool:
         torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
-        or torch.fx._symbolic_trace.is_fx_tracing()
+        or fx_tracing()
     )
 
 
@@ -45,7 +51,7 @@ def to_tuple_hw(hw, n: int, what: str = "hw") -> tuple:
     Floats (``6.9``), strings (``"66"``) and bools are refused rather than truncated; an int means
     the same size on every axis. Symbolic sizes (``torch.export``) pass through unchanged, and under
     FX symbolic tracing the sizes are graph values that are passed on without checks."""
-    if torch.fx._symbolic_trace.is_fx_tracing() and not isinstance(hw, (int, str, float)):
+    if fx_tracing() and not isinstance(hw, (int, str, float)):
         return tuple(hw[i] for i in range(n))
     if isinstance(hw, (int, torch.SymInt)) and not isinstance(hw, bool):
         hw = (hw,) * n

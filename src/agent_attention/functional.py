@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._grids import tracing
 
-__all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps", "fused", "fused_enabled"]
+__all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps", "fused", "fused_enabled", "path"]
 
 _state = threading.local()
 
@@ -180,9 +180,75 @@ def agent_attention(
     mask2 = None if query_bias is None else query_bias.to(q.dtype)
     if agents.stride(-1) != 1:  # the fused kernels need a unit-stride head dim (a small n × d copy)
         agents = agents.contiguous()
-    agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask1, dropout_p=dropout_p, scale=s)
+    gather, broadcast = _choose_paths(q, mask1, mask2)
+    if gather == "gemm":
+        agent_v = _gemm_attention(agents, k, v, mask1, s, dropout_p)
+    else:
+        agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask1, dropout_p=dropout_p, scale=s)
     agent_v = _no_keys(agent_v, key_padding_mask)
+    if broadcast == "gemm":
+        return _gemm_attention(q, agents, agent_v, mask2, s2, dropout_p, scale_right=True)
     return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=mask2, dropout_p=dropout_p, scale=s2)
+
+
+_PATHS = ("auto", "sdpa", "gemm")
+
+
+@contextlib.contextmanager
+def path(name: str = "auto") -> Iterator[None]:
+    """Force the kernels of :func:`agent_attention` in this thread (benchmarks and tests):
+    ``"sdpa"`` (two fused SDPA calls), ``"gemm"`` (matmul + bias + softmax + matmul, in place at
+    inference) or ``"auto"`` (the default choice per step, see :func:`_choose_paths`)."""
+    if name not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {name!r}")
+    previous = getattr(_state, "path", "auto")
+    _state.path = name
+    try:
+        yield
+    finally:
+        _state.path = previous
+
+
+def _choose_paths(q: Tensor, mask1: Optional[Tensor], mask2: Optional[Tensor]) -> Tuple[str, str]:
+    """Kernels for the two softmax attentions (agents ← keys, queries ← agents).
+
+    One side of each is the ``n`` agents, so the ``n × M`` and ``N × n`` logits are small. Measured
+    on CPU (``bench op`` and the profile in docs/benchmarks.md): at inference SDPA's fused kernel is
+    fastest with or without a bias; when autograd records a step that has an additive bias, the
+    CPU kernels fall back to SDPA's math backend (which expands the bias per sample), and one
+    matmul, an in-place bias add, a softmax and a second matmul win, the bias gradient being
+    summed over the batch by autograd. On accelerators SDPA always (its kernels take the bias).
+    """
+    forced = getattr(_state, "path", "auto")
+    if forced != "auto":
+        return forced, forced
+    if q.device.type != "cpu" or not torch.is_grad_enabled():
+        return "sdpa", "sdpa"
+    return ("gemm" if mask1 is not None else "sdpa"), ("gemm" if mask2 is not None else "sdpa")
+
+
+def _softmax_(x: Tensor) -> Tensor:
+    """Softmax over the last dim, in place when autograd does not need the logits."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.softmax(-1)
+    return torch.ops.aten._softmax.out(x, -1, False, out=x)
+
+
+def _gemm_attention(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], scale: float,
+                    dropout_p: float, scale_right: bool = False) -> Tensor:
+    """``softmax(query keyᵀ · scale + mask) value`` as two matmuls: the logits are the small map
+    (one side is the agents), the bias is added in place (broadcast over the batch, its gradient
+    summed over it by autograd) and the scale goes on the smaller operand."""
+    if scale_right:  # the N queries side: scale the n agents instead of the N queries
+        logits = torch.matmul(query, (key * scale).transpose(-2, -1))
+    else:
+        logits = torch.matmul(query * scale, key.transpose(-2, -1))
+    if mask is not None:
+        logits = logits.add_(mask)
+    p = _softmax_(logits)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p, value)
 
 
 def agent_feature_maps(

@@ -15,6 +15,7 @@ checkpoints.  The attention itself is :func:`agent_attention.functional.agent_at
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -29,6 +30,7 @@ from ._grids import (
     agent_bias_2d,
     agent_bias_3d,
     channels_last_grid_3d,
+    fx_tracing,
     pool_agents,
     query_bias_2d,
     query_bias_3d,
@@ -327,7 +329,7 @@ class AgentAttention(nn.Module):
         return b1, b2
 
     def _check_tokens(self, x: Tensor, hw, name: str) -> Optional[tuple]:
-        if torch.fx._symbolic_trace.is_fx_tracing():  # sizes are graph values: checked at run time of the graph only
+        if fx_tracing():  # sizes are graph values: checked at run time of the graph only
             return None if hw is None else to_tuple_hw(hw, self.ndim)
         if not isinstance(x, Tensor):
             raise TypeError(f"AgentAttention: {name} must be a tensor, got {type(x).__name__}")
@@ -350,7 +352,7 @@ class AgentAttention(nn.Module):
         return grid
 
     def _check_dtype_device(self, t: Tensor, name: str) -> None:
-        if torch.fx._symbolic_trace.is_fx_tracing():
+        if fx_tracing():
             return
         w = next(self.parameters(), None)
         if w is None:
@@ -381,7 +383,7 @@ class AgentAttention(nn.Module):
         """
         if self.qkv_layout == "none":
             raise RuntimeError("AgentAttention(qkv_layout='none') has no projections: call attend(q, k, v, hw)")
-        if not torch.fx._symbolic_trace.is_fx_tracing() and (x.dim() != 3 or x.shape[-1] != self.dim):
+        if not fx_tracing() and (x.dim() != 3 or x.shape[-1] != self.dim):
             raise ValueError(f"AgentAttention: x must have shape (batch, tokens, {self.dim}), got {tuple(x.shape)}")
         self._check_dtype_device(x, "x")
         if context is not None:
@@ -395,7 +397,7 @@ class AgentAttention(nn.Module):
                 k, v = self.kv(x).unflatten(-1, (2, C)).unbind(-2)
             out = self.attend(q, k, v, hw, key_padding_mask=key_padding_mask)
         else:
-            if not torch.fx._symbolic_trace.is_fx_tracing() and (
+            if not fx_tracing() and (
                     context.dim() != 3 or context.shape[-1] != C or context.shape[0] != x.shape[0]):
                 raise ValueError(
                     f"AgentAttention: context must have shape ({x.shape[0]}, tokens, {C}), got {tuple(context.shape)}"
@@ -411,6 +413,15 @@ class AgentAttention(nn.Module):
         if self.proj is not None:
             out = self.proj_drop(self.proj(out))
         return out
+
+    def register_attend_hook(self, hook) -> "torch.utils.hooks.RemovableHandle":
+        """Call ``hook(module, q, k, v, hw, kwargs)`` at every :meth:`attend` (projected inputs, before
+        the agents are pooled); returns a handle whose ``remove()`` unregisters it. Used by the
+        visualisation to capture what a block receives."""
+        hooks = self.__dict__.setdefault("_attend_hooks", collections.OrderedDict())
+        handle = torch.utils.hooks.RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
 
     def attention_inputs(
         self,
@@ -431,7 +442,7 @@ class AgentAttention(nn.Module):
         """
         qhw = self._check_tokens(q, hw, "x")
         khw = self._check_tokens(k, key_hw, "context") if cross else qhw
-        if not torch.fx._symbolic_trace.is_fx_tracing():
+        if not fx_tracing():
             _check_attend_inputs(self, q, k, v, key_padding_mask)
         N, M = q.shape[1], k.shape[1]
         P = self.num_prefix_tokens
@@ -465,6 +476,10 @@ class AgentAttention(nn.Module):
 
         Adds the DWC branch for self-attention (``cross=False``); no output projection.
         """
+        hooks = self.__dict__.get("_attend_hooks")
+        if hooks:
+            for hook in tuple(hooks.values()):
+                hook(self, q, k, v, hw, dict(key_hw=key_hw, key_padding_mask=key_padding_mask, cross=cross))
         t = self.attention_inputs(q, k, v, hw, key_hw=key_hw, key_padding_mask=key_padding_mask, cross=cross)
         B, N, C = q.shape
         P = self.num_prefix_tokens

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .functional import agent_feature_maps
 from ._atomic import atomic_path
-from .layers import AgentAttention, pool_agents, to_2tuple_hw
+from .functional import agent_feature_maps
+from .layers import AgentAttention, to_2tuple_hw
 
 __all__ = ["AgentCall", "load_image", "capture_agent_calls", "select_call", "agent_maps", "draw"]
 
@@ -96,28 +96,25 @@ def _to_tensor(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> 
 def capture_agent_calls(model: nn.Module, x: Tensor) -> List[AgentCall]:
     """Run ``model(x)`` and record, for every agent attention call, its grid and projected q, k, v."""
     calls: List[AgentCall] = []
-    patched = []
+    handles = []
     for name, mod in model.named_modules():
         if not isinstance(mod, AgentAttention):
             continue
 
-        def attend(q, k, v, hw, *, _mod=mod, _name=name, _orig=mod.attend, **kw):
-            calls.append(AgentCall(_name, _mod, len(calls), hw=to_2tuple_hw(hw), image_batch=x.shape[0],
-                                   q=q.detach(), k=k.detach(),
-                                   v=v.detach(), kwargs=dict(kw)))
-            return _orig(q, k, v, hw, **kw)
+        def record(module, q, k, v, hw, kw, _name=name):
+            calls.append(AgentCall(_name, module, len(calls), hw=to_2tuple_hw(hw), image_batch=x.shape[0],
+                                   q=q.detach(), k=k.detach(), v=v.detach(), kwargs=dict(kw)))
 
-        mod.attend = attend
-        patched.append(mod)
-    if not patched:
+        handles.append(mod.register_attend_hook(record))
+    if not handles:
         raise ValueError(f"{type(model).__name__} has no AgentAttention block to show")
     was_training = model.training
     model.eval()
     try:
         model(x)
     finally:
-        for mod in patched:
-            del mod.attend  # back to the class method
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     stage, index, last = 0, 0, None
     for c in calls:  # stages: runs of calls on the same token grid
@@ -156,15 +153,13 @@ def agent_maps(call: AgentCall, head: Optional[int] = None) -> Dict[str, object]
             f"block {call.name} attends within windows or stripes ({q.shape[0]} groups of {H}x{W} tokens for "
             f"{call.image_batch} image(s)); only blocks that attend over the whole feature map can be drawn")
     grid = to_2tuple_hw(m.agent_shape, "agent_shape")
-    agents = pool_agents(q[:, P:], (H, W), grid)
-    b1, b2 = m.biases((H, W), (H, W), q.shape[1], k.shape[1])
-    h, d = m.num_heads, m.head_dim
-    heads = lambda t: t.unflatten(-1, (h, d)).transpose(1, 2)  # noqa: E731
-    phi_q, phi_k = agent_feature_maps(heads(q), heads(k), heads(agents), agent_bias=b1, query_bias=b2, scale=m.scale)
+    t = m.attention_inputs(q, k, call.v, (H, W))  # exactly what attend passes to the op
+    h = m.num_heads
+    phi_q, phi_k = agent_feature_maps(t.q, t.k, t.agents, agent_bias=t.agent_bias, query_bias=t.query_bias, scale=m.scale)
     if head is not None and not 0 <= head < h:
         raise ValueError(f"--head must be in [0, {h}) for block {call.name}, got {head}")
     pick = (lambda t: t[0, head]) if head is not None else (lambda t: t[0].mean(0))
-    n = agents.shape[1]
+    n = t.agents.shape[2]
     return {
         "agent_to_token": pick(phi_k)[P:].reshape(H, W, n).float().cpu().numpy(),
         "token_to_agent": pick(phi_q)[P:].reshape(H, W, n).float().cpu().numpy(),
