@@ -196,8 +196,8 @@ def match_tokens(
     """Bipartite soft matching of the tokens of ``metric`` (B, h·w, C) on the ``hw`` grid.
 
     Args:
-        metric: the features whose cosine similarity decides the pairs (AgentSD: the normalised
-            hidden states entering the self-attention).
+        metric: the features whose cosine similarity decides the pairs (AgentSD: the input ``x`` of
+            the transformer block, before ``norm1``, as the official ``compute_merge(x)``).
         hw: ``(h, w)`` of the token grid, row-major; need not be divisible by ``sy``, ``sx``.
         sx, sy: destination stride: one destination per ``sy × sx`` cell.
         ratio: fraction of the tokens removed by merging (``r = int(N·ratio)``, clipped to the

@@ -8,8 +8,9 @@
 
 ``apply_agentsd`` installs an :class:`~.processor.AgentSDProcessor` on the self-attention (``attn1``)
 of every ``BasicTransformerBlock`` at the selected resolutions, through ``Attention.set_processor``,
-and registers a forward pre-hook on the UNet that records the latent size and the denoising step of
-each call.  Cross-attention and the other layers keep their processors.  ``remove_agentsd`` puts the
+a forward pre-hook on each of these blocks that hands the block's input ``x`` (before ``norm1``) to
+its processor as the matching metric, and a forward pre-hook on the UNet that records the latent
+size and the denoising step of each call.  Cross-attention and the other layers keep their processors.  ``remove_agentsd`` puts the
 original processor objects back and removes the hook.  Both are idempotent.
 """
 from __future__ import annotations
@@ -98,11 +99,30 @@ def _resolve_max_downsample(settings: AgentSDSettings, layers) -> int:
     return settings.max_downsample
 
 
+def _make_block_hook(state: AgentSDState, name: str):
+    """Forward pre-hook of a ``BasicTransformerBlock``: keep its input ``x`` (before ``norm1``) for
+    the processor of its ``attn1``, which matches the tokens on it (official ``compute_merge(x)``).
+    Only the first argument is read, so new block arguments do not matter."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(x, torch.Tensor):
+            state.block_inputs[name] = x
+        return None
+
+    return pre_hook
+
+
+def _parent_name(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
 def _set_settings(unet: nn.Module, state: AgentSDState, settings: AgentSDSettings) -> None:
     """Make ``settings`` current and (re)install the processors on the layers it selects."""
     layers = self_attention_layers(unet)
     max_downsample = _resolve_max_downsample(settings, layers)
     state.settings, state.max_downsample = settings, max_downsample
+    modules = None
     for name, attn, level in layers:
         current = attn.processor
         ours = isinstance(current, AgentSDProcessor) and current.state is state
@@ -110,12 +130,24 @@ def _set_settings(unet: nn.Module, state: AgentSDState, settings: AgentSDSetting
             if not ours:
                 state.originals.setdefault(name, current)
                 attn.set_processor(AgentSDProcessor(state, state.originals[name], name=name, level=level))
+            if name not in state.block_hooks:
+                modules = dict(unet.named_modules()) if modules is None else modules
+                block = modules[_parent_name(name)]
+                state.block_hooks[name] = block.register_forward_pre_hook(_make_block_hook(state, name), with_kwargs=True)
             state.levels[name] = level
         elif name in state.originals:
             if ours:
                 attn.set_processor(state.originals[name])
             del state.originals[name]
             state.levels.pop(name, None)
+            _drop_block_hook(state, name)
+
+
+def _drop_block_hook(state: AgentSDState, name: str) -> None:
+    hook = state.block_hooks.pop(name, None)
+    if hook is not None:
+        hook.remove()
+    state.block_inputs.pop(name, None)
 
 
 def _timestep_value(t: Any) -> Optional[float]:
@@ -131,6 +163,7 @@ def _make_pre_hook(state: AgentSDState):
         sample = args[0] if args else kwargs.get("sample")
         if isinstance(sample, torch.Tensor) and sample.ndim >= 3:
             state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        state.block_inputs.clear()
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step = state.observe_timestep(_timestep_value(timestep))
         if state.schedule is not None:
@@ -184,6 +217,8 @@ def remove_agentsd(pipe_or_unet: Any) -> None:
         attn = modules.get(name)
         if attn is not None and isinstance(attn.processor, AgentSDProcessor) and attn.processor.state is state:
             attn.set_processor(original)
+    for name in list(state.block_hooks):
+        _drop_block_hook(state, name)
     state.originals.clear()
     state.levels.clear()
     if state.hook is not None:

@@ -3,15 +3,18 @@
 :class:`AgentSDProcessor` replaces the processor of a UNet self-attention layer (``attn1`` of a
 ``BasicTransformerBlock``) through ``Attention.set_processor``.  On each call it
 
-1. merges the tokens entering the attention (the block's ``norm1`` output, the official metric)
-   with :func:`~agent_attention.diffusion.merge.match_tokens` and builds the agent tokens by the
-   stronger merge;
+1. matches the tokens by cosine similarity of the **block input** ``x`` (before ``norm1``; the
+   official ``compute_merge(x)``, handed over by a forward pre-hook on the ``BasicTransformerBlock``)
+   with :func:`~agent_attention.diffusion.merge.match_tokens`, merges the tokens it receives
+   (``norm1(x)``) and builds the agent tokens from them by the stronger merge;
 2. runs ``agent_attention(q, k, v, to_q(agents), scale=s, query_scale=s**k_scale2) + k_shortcut·v``
    on the merged tokens, or plain softmax attention on them (ToMe) when the agents are not fewer
    than half the merged tokens;
 3. applies ``to_out`` on the merged tokens (it acts token by token, so projecting ``N - r`` rows and
    copying them back is exactly equal to copying first, and cheaper), then unmerges.
 
+A processor called outside a hooked block (a bare ``Attention``) matches on its own input instead
+and counts the call under ``calls["metric=attention input"]``.
 The latent size, the current settings and the random generator come from a shared
 :class:`AgentSDState` that a UNet forward pre-hook keeps up to date (see ``patch.py``).
 Calls the processor cannot handle (cross-attention, an attention mask, a token count that is not a
@@ -139,6 +142,8 @@ class AgentSDState:
     originals: Dict[str, Any] = field(default_factory=dict)
     levels: Dict[str, Optional[int]] = field(default_factory=dict)
     hook: Any = None
+    block_hooks: Dict[str, Any] = field(default_factory=dict)
+    block_inputs: Dict[str, Tensor] = field(default_factory=dict)
     _generators: Dict[str, torch.Generator] = field(default_factory=dict)
     _run_seed: Optional[int] = None
     _last_timestep: Optional[float] = None
@@ -248,8 +253,12 @@ class AgentSDProcessor:
         precision = settings.attn_precision
         fp32 = precision == "fp32" or (precision is None and getattr(attn, "upcast_attention", False))
         use_rand = settings.use_rand and batch % 2 == 0
+        metric = state.block_inputs.pop(self.name, None)
+        if metric is None or metric.shape[:2] != hidden_states.shape[:2]:
+            metric = hidden_states  # called outside a hooked block (a bare Attention layer)
+            state.calls["metric=attention input"] += 1
         match = match_tokens(
-            hidden_states, (h, w), sx=settings.sx, sy=settings.sy, ratio=settings.ratio,
+            metric, (h, w), sx=settings.sx, sy=settings.sy, ratio=settings.ratio,
             agent_ratio=settings.agent_ratio, use_rand=use_rand,
             generator=state.generator(hidden_states.device) if use_rand else None, fp32=fp32,
         )
