@@ -15,6 +15,7 @@ original processor objects back and removes the hook.  Both are idempotent.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -158,6 +159,19 @@ def _timestep_value(t: Any) -> Optional[float]:
     return None
 
 
+def _new_timesteps(state: AgentSDState) -> bool:
+    """Whether the patched pipeline's scheduler holds a timesteps tensor not seen before: every
+    diffusers pipeline calls ``scheduler.set_timesteps`` (which builds a new tensor) once at the
+    start of a generation, so this marks a new generation even when the timestep does not rise
+    (one-step pipelines, img2img with a lower strength, custom timesteps)."""
+    pipe = state.pipeline() if state.pipeline is not None else None
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    if timesteps is None or timesteps is state._seen_timesteps:
+        return False
+    state._seen_timesteps = timesteps  # a reference, so the identity check can never be fooled by a reused id
+    return True
+
+
 def _make_pre_hook(state: AgentSDState):
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
@@ -165,7 +179,7 @@ def _make_pre_hook(state: AgentSDState):
             state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         state.block_inputs.clear()
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        step = state.observe_timestep(_timestep_value(timestep))
+        step = state.observe_timestep(_timestep_value(timestep), new_generation=_new_timesteps(state))
         if state.schedule is not None:
             settings = state.schedule.settings_for(step)
             if settings != state.settings:
@@ -202,8 +216,17 @@ def apply_agentsd(pipe_or_unet: Any, *, schedule: Optional["AgentSDSchedule"] = 
         state.hook = unet.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
         setattr(unet, _ATTR, state)
     state.schedule = schedule
+    if unet is not pipe_or_unet:
+        _remember_pipeline(state, pipe_or_unet)
     _set_settings(unet, state, new)
     return state
+
+
+def _remember_pipeline(state: AgentSDState, pipe: Any) -> None:
+    try:
+        state.pipeline = weakref.ref(pipe)
+    except TypeError:  # an object without weak references: fall back to the timesteps alone
+        state.pipeline = None
 
 
 def remove_agentsd(pipe_or_unet: Any) -> None:
@@ -268,7 +291,12 @@ class AgentSDSchedule:
         if state is None:
             raise RuntimeError("AgentSDSchedule: AgentSD is not applied; call apply_agentsd(pipe, schedule=schedule) first")
         state.schedule = self
+        if state.pipeline is None and pipe is not unet:
+            _remember_pipeline(state, pipe)
         state._callback_step = state.step = step + 1
+        total = getattr(pipe, "num_timesteps", None)
+        if isinstance(total, int) and step + 1 >= total:  # the generation is over
+            state.new_generation()
         settings = self.settings_for(step + 1)
         if settings != state.settings:
             _set_settings(unet, state, settings)

@@ -149,23 +149,38 @@ class AgentSDState:
     _last_timestep: Optional[float] = None
     _counted_step: int = 0
     _callback_step: Optional[int] = None
+    _pending_new: bool = False
+    pipeline: Any = None  # weakref.ref to the patched pipeline, if a pipeline was patched
+    _seen_timesteps: Any = None
 
     def begin_run(self) -> None:
-        """A new generation starts: step 0, generators re-seeded."""
+        """A new generation starts: step 0, generators re-seeded (see :meth:`new_generation`)."""
         self._counted_step = 0
         self._callback_step = None
+        self._last_timestep = None
         self._generators.clear()
         seed = self.settings.seed
         self._run_seed = int(torch.randint(2**62, (1,)).item()) if seed is None else seed
 
-    def observe_timestep(self, t: Optional[float]) -> int:
-        """Advance the step counter from the timestep of a UNet call (timesteps decrease during a
-        generation; an increase starts a new one); returns the current step."""
-        if t is None:
-            pass
-        elif self._last_timestep is None or t > self._last_timestep:
+    def new_generation(self) -> None:
+        """Declare that the next UNet call starts a new generation (step 0, the destination
+        generator re-seeded).  Patching a *pipeline* detects this by itself (the scheduler's
+        ``set_timesteps``); with a bare UNet in a hand-written loop whose timesteps do not rise
+        between generations (one-step / few-step sampling), call this before each generation."""
+        self._pending_new = True
+
+    def observe_timestep(self, t: Optional[float], new_generation: bool = False) -> int:
+        """Advance the step counter from the timestep of a UNet call; returns the current step.
+
+        A new generation starts when ``new_generation`` is true (the pipeline set new timesteps),
+        after :meth:`new_generation`, at the first call, or when the timestep rises (timesteps
+        decrease during a generation).  A lower timestep is the next step; an equal one the same
+        step (second-order samplers call the UNet twice per step)."""
+        if new_generation or self._pending_new or self._run_seed is None or (
+                t is not None and self._last_timestep is not None and t > self._last_timestep):
+            self._pending_new = False
             self.begin_run()
-        elif t < self._last_timestep:
+        elif t is not None and self._last_timestep is not None and t < self._last_timestep:
             self._counted_step += 1
         if t is not None:
             self._last_timestep = t
