@@ -89,6 +89,8 @@ def test_merge_is_group_mean_and_unmerge_copies():
                 torch.testing.assert_close(merged[b, row], x[b, slot[b] == row].mean(0))
     y = torch.randn(2, m.num_merged, 5)
     assert torch.equal(m.unmerge(y), y.gather(1, m.slot[..., None].expand(-1, -1, 5)))
+    # agents pooled from the merged rows (the processor's path) equal agents pooled from all tokens
+    torch.testing.assert_close(m.agents_from_merged(m.merge(x)), m.agents(x))
 
 
 def test_unmerge_of_merge_is_exact_for_duplicated_tokens():

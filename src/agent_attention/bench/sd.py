@@ -41,7 +41,7 @@ TINY_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
 )
-LABELS = {"baseline": "baseline (SDPA)", "tomesd": "ToMeSD", "agentsd": "AgentSD", "agentsd-late": "AgentSD 2nd phase (ToMe 2×2)",
+LABELS = {"baseline": "baseline (SDPA)", "tomesd": "ToMeSD", "todo": "ToDo (K/V kept as ToMe)", "agentsd": "AgentSD", "agentsd-late": "AgentSD 2nd phase (ToMe 2×2)",
           "schedule": "AgentSD schedule"}
 EARLY_FRACTION = 0.4  # the paper: 20 of 50 steps with agents
 
@@ -71,6 +71,10 @@ def configure(unet, method: str, ratio: float) -> None:
         pass
     if method == "tomesd":
         tomesd.apply_patch(unet, ratio=ratio)
+    elif method == "todo":  # ToDo keeping as many keys/values as ToMe keeps tokens at this ratio
+        from ..diffusion.todo import todo_factor_for_ratio
+
+        apply_agentsd(unet, method="todo", todo_factor=todo_factor_for_ratio(ratio))
     elif method == "agentsd":
         apply_agentsd(unet, ratio=ratio)
     elif method == "agentsd-late":
@@ -115,7 +119,11 @@ def run_size(unet, size: int, args, device, dtype) -> List[dict]:
     for key, setup in configs.items():
         setup()
         start = time.perf_counter()
-        memory[key] = common.peak_memory(step, device)
+        if args.no_memory:
+            step()
+            memory[key] = 0
+        else:
+            memory[key] = common.peak_memory(step, device)
         print(f"    {key[0]:>12} r={key[1]:<4g} peak {common.fmt_mb(memory[key])} MiB "
               f"({time.perf_counter() - start:.1f} s with the profiler)", flush=True)
     print(f"  {size}²: timing {args.repeats} rounds ...", flush=True)
@@ -206,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent-attention bench sd", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes (latent = size/8); e.g. 512 1024")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    p.add_argument("--methods", nargs="+", choices=("tomesd", "agentsd", "agentsd-late"), default=["tomesd", "agentsd"])
+    p.add_argument("--methods", nargs="+", choices=("tomesd", "todo", "agentsd", "agentsd-late"), default=["tomesd", "agentsd"])
     p.add_argument("--schedule", action="store_true", help="also time the second phase and report the schedule mean")
     p.add_argument("--batch", type=int, default=1, help="UNet batch (2 = one CFG step of one image)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (median); the memory pass is the warm-up")
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny UNet (smoke test)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--no-memory", action="store_true", help="plain warm-up step instead of the memory pass (peak MiB = 0)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     common.add_output_options(p, "sd")
     return p

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["TokenMatch", "match_tokens", "merge_tokens", "merge_counts", "destination_partition"]
@@ -98,13 +99,21 @@ def _flat_rows(slot: Tensor, rows: int) -> Tensor:
     return (slot + offsets).reshape(-1)
 
 
-def _merge_rows(x: Tensor, flat: Tensor, counts: Tensor, rows: int) -> Tensor:
-    """Mean of the tokens of ``x`` (B, N, C) that share a row: one ``index_add_`` over the flattened
-    batch (a row-wise vectorised add, far faster on CPU than ``scatter_reduce``), then a division by
-    the row sizes."""
-    B, N, C = x.shape
-    out = x.new_zeros(B * rows, C).index_add_(0, flat, x.reshape(B * N, C))
-    return (out / counts.to(out.dtype)).view(B, rows, C)
+def _bags(flat: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor]:
+    """``embedding_bag`` layout of a row map: token indices grouped by row, and row offsets."""
+    order = flat.argsort(stable=True)
+    offsets = counts.cumsum(0) - counts
+    return order, offsets
+
+
+def _bag_reduce(x2d: Tensor, bags: Tuple[Tensor, Tensor], weights: Optional[Tensor] = None) -> Tensor:
+    """Row means (``weights=None``) or weighted row sums of the rows of ``x2d`` by ``bags``: one
+    ``embedding_bag`` call, parallel over the output rows and contiguous in memory (far faster on
+    CPU than ``scatter_reduce``/``index_add_``, which add row by row or column by column)."""
+    order, offsets = bags
+    if weights is None:
+        return F.embedding_bag(order, x2d, offsets, mode="mean")
+    return F.embedding_bag(order, x2d, offsets, mode="sum", per_sample_weights=weights.to(x2d.dtype))
 
 
 @dataclass
@@ -129,9 +138,31 @@ class TokenMatch:
         if which not in self._cache:
             slot, rows = (self.slot, self.num_merged) if which == "slot" else (self.agent_slot, self.num_agents)
             flat = _flat_rows(slot, rows)
-            counts = torch.bincount(flat, minlength=slot.shape[0] * rows)[:, None]
+            counts = torch.bincount(flat, minlength=slot.shape[0] * rows)
             self._cache[which] = (flat, counts)
         return self._cache[which]
+
+    def _bags(self, which: str) -> Tuple[Tensor, Tensor]:
+        key = which + "/bags"
+        if key not in self._cache:
+            self._cache[key] = _bags(*self._index(which))
+        return self._cache[key]
+
+    def _agent_bags_over_rows(self) -> Tuple[Tuple[Tensor, Tensor], Tensor]:
+        """Agents as weighted means of the *merged rows*: every merged row lies inside one agent
+        group (the agent merge takes the same most-similar sources, and more of them), so an agent
+        is the mean of its merged rows weighted by their sizes."""
+        if "rows->agents" not in self._cache:
+            B = self.slot.shape[0]
+            row_agent = torch.empty(B, self.num_merged, dtype=torch.long, device=self.slot.device)
+            row_agent.scatter_(1, self.slot, self.agent_slot)
+            flat = _flat_rows(row_agent, self.num_agents)
+            _, row_sizes = self._index("slot")
+            _, agent_sizes = self._index("agent_slot")
+            bags = _bags(flat, torch.bincount(flat, minlength=B * self.num_agents))
+            weights = (row_sizes.double() / agent_sizes[flat].double())[bags[0]]
+            self._cache["rows->agents"] = (bags, weights)
+        return self._cache["rows->agents"]
 
     @property
     def has_agents(self) -> bool:
@@ -148,14 +179,26 @@ class TokenMatch:
         self._check(x, self.num_tokens, "merge")
         if self.slot is None:
             return x
-        return _merge_rows(x, *self._index("slot"), self.num_merged)
+        B, N, C = x.shape
+        return _bag_reduce(x.reshape(B * N, C), self._bags("slot")).view(B, self.num_merged, C)
 
     def agents(self, x: Tensor) -> Optional[Tensor]:
         """``(B, N, C) -> (B, N - agent_r, C)`` agent tokens, or ``None`` when the matching has none."""
         self._check(x, self.num_tokens, "agents")
         if self.agent_slot is None:
             return None
-        return _merge_rows(x, *self._index("agent_slot"), self.num_agents)
+        B, N, C = x.shape
+        return _bag_reduce(x.reshape(B * N, C), self._bags("agent_slot")).view(B, self.num_agents, C)
+
+    def agents_from_merged(self, merged: Tensor) -> Optional[Tensor]:
+        """The agents of :meth:`agents`, computed from the output of :meth:`merge` (``N - r`` rows
+        instead of ``N``): equal up to rounding, and cheaper."""
+        self._check(merged, self.num_merged, "agents_from_merged")
+        if self.agent_slot is None:
+            return None
+        B, n, C = merged.shape
+        bags, weights = self._agent_bags_over_rows()
+        return _bag_reduce(merged.reshape(B * n, C), bags, weights).view(B, self.num_agents, C)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """``(B, N - r, C) -> (B, N, C)``: every token takes the output of the row it was merged into."""
@@ -196,8 +239,8 @@ def match_tokens(
     """Bipartite soft matching of the tokens of ``metric`` (B, h·w, C) on the ``hw`` grid.
 
     Args:
-        metric: the features whose cosine similarity decides the pairs (AgentSD: the normalised
-            hidden states entering the self-attention).
+        metric: the features whose cosine similarity decides the pairs (AgentSD: the input ``x`` of
+            the transformer block, before ``norm1``, as the official ``compute_merge(x)``).
         hw: ``(h, w)`` of the token grid, row-major; need not be divisible by ``sy``, ``sx``.
         sx, sy: destination stride: one destination per ``sy × sx`` cell.
         ratio: fraction of the tokens removed by merging (``r = int(N·ratio)``, clipped to the
@@ -217,11 +260,20 @@ def match_tokens(
     if num_merged == n:
         return TokenMatch(num_tokens=n, num_merged=n)
     dst, src = destination_partition((h, w), sx, sy, use_rand=use_rand, generator=generator, device=metric.device)
-    unit = metric.float()
-    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    unit = unit if fp32 else unit.to(metric.dtype)
-    scores = unit[:, src] @ unit[:, dst].transpose(1, 2)  # (B, sources, destinations)
-    best, partner = scores.max(dim=-1)
+    # cosine similarity of each source with each destination; only the destinations are normalised
+    # before the product, the sources after the max (a positive per-row factor keeps the argmax)
+    tiny = torch.finfo(torch.float32).tiny
+    # (in float32; a half-precision product is formed of unit vectors, whose scores round alike)
+    norms = metric.float().norm(dim=-1, keepdim=True).clamp_min(tiny)  # (B, N, 1), float32
+    if fp32 or metric.dtype == torch.float32:
+        work = metric.float()
+        dst_unit = work[:, dst] / norms[:, dst]
+    else:
+        work = (metric.float() / norms).to(metric.dtype)
+        dst_unit, norms = work[:, dst], torch.ones_like(norms)
+    best, partner = (work @ dst_unit.transpose(1, 2)).max(dim=-1)  # every token (no gather), (B, N)
+    best = best[:, src].float() / norms[:, src, 0]
+    partner = partner[:, src]
     order = best.argsort(dim=-1, descending=True, stable=True)  # most similar sources first
     slot = _slots(order, partner, src, dst, n - num_merged, n)
     match = TokenMatch(num_tokens=n, num_merged=num_merged, slot=slot)

@@ -8,12 +8,14 @@
 
 ``apply_agentsd`` installs an :class:`~.processor.AgentSDProcessor` on the self-attention (``attn1``)
 of every ``BasicTransformerBlock`` at the selected resolutions, through ``Attention.set_processor``,
-and registers a forward pre-hook on the UNet that records the latent size and the denoising step of
-each call.  Cross-attention and the other layers keep their processors.  ``remove_agentsd`` puts the
+a forward pre-hook on each of these blocks that hands the block's input ``x`` (before ``norm1``) to
+its processor as the matching metric, and a forward pre-hook on the UNet that records the latent
+size and the denoising step of each call.  Cross-attention and the other layers keep their processors.  ``remove_agentsd`` puts the
 original processor objects back and removes the hook.  Both are idempotent.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -98,11 +100,30 @@ def _resolve_max_downsample(settings: AgentSDSettings, layers) -> int:
     return settings.max_downsample
 
 
+def _make_block_hook(state: AgentSDState, name: str):
+    """Forward pre-hook of a ``BasicTransformerBlock``: keep its input ``x`` (before ``norm1``) for
+    the processor of its ``attn1``, which matches the tokens on it (official ``compute_merge(x)``).
+    Only the first argument is read, so new block arguments do not matter."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(x, torch.Tensor):
+            state.block_inputs[name] = x
+        return None
+
+    return pre_hook
+
+
+def _parent_name(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
 def _set_settings(unet: nn.Module, state: AgentSDState, settings: AgentSDSettings) -> None:
     """Make ``settings`` current and (re)install the processors on the layers it selects."""
     layers = self_attention_layers(unet)
     max_downsample = _resolve_max_downsample(settings, layers)
     state.settings, state.max_downsample = settings, max_downsample
+    modules = None
     for name, attn, level in layers:
         current = attn.processor
         ours = isinstance(current, AgentSDProcessor) and current.state is state
@@ -110,12 +131,24 @@ def _set_settings(unet: nn.Module, state: AgentSDState, settings: AgentSDSetting
             if not ours:
                 state.originals.setdefault(name, current)
                 attn.set_processor(AgentSDProcessor(state, state.originals[name], name=name, level=level))
+            if name not in state.block_hooks:
+                modules = dict(unet.named_modules()) if modules is None else modules
+                block = modules[_parent_name(name)]
+                state.block_hooks[name] = block.register_forward_pre_hook(_make_block_hook(state, name), with_kwargs=True)
             state.levels[name] = level
         elif name in state.originals:
             if ours:
                 attn.set_processor(state.originals[name])
             del state.originals[name]
             state.levels.pop(name, None)
+            _drop_block_hook(state, name)
+
+
+def _drop_block_hook(state: AgentSDState, name: str) -> None:
+    hook = state.block_hooks.pop(name, None)
+    if hook is not None:
+        hook.remove()
+    state.block_inputs.pop(name, None)
 
 
 def _timestep_value(t: Any) -> Optional[float]:
@@ -126,13 +159,27 @@ def _timestep_value(t: Any) -> Optional[float]:
     return None
 
 
+def _new_timesteps(state: AgentSDState) -> bool:
+    """Whether the patched pipeline's scheduler holds a timesteps tensor not seen before: every
+    diffusers pipeline calls ``scheduler.set_timesteps`` (which builds a new tensor) once at the
+    start of a generation, so this marks a new generation even when the timestep does not rise
+    (one-step pipelines, img2img with a lower strength, custom timesteps)."""
+    pipe = state.pipeline() if state.pipeline is not None else None
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    if timesteps is None or timesteps is state._seen_timesteps:
+        return False
+    state._seen_timesteps = timesteps  # a reference, so the identity check can never be fooled by a reused id
+    return True
+
+
 def _make_pre_hook(state: AgentSDState):
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
         if isinstance(sample, torch.Tensor) and sample.ndim >= 3:
             state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        state.block_inputs.clear()
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        step = state.observe_timestep(_timestep_value(timestep))
+        step = state.observe_timestep(_timestep_value(timestep), new_generation=_new_timesteps(state))
         if state.schedule is not None:
             settings = state.schedule.settings_for(step)
             if settings != state.settings:
@@ -169,8 +216,17 @@ def apply_agentsd(pipe_or_unet: Any, *, schedule: Optional["AgentSDSchedule"] = 
         state.hook = unet.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
         setattr(unet, _ATTR, state)
     state.schedule = schedule
+    if unet is not pipe_or_unet:
+        _remember_pipeline(state, pipe_or_unet)
     _set_settings(unet, state, new)
     return state
+
+
+def _remember_pipeline(state: AgentSDState, pipe: Any) -> None:
+    try:
+        state.pipeline = weakref.ref(pipe)
+    except TypeError:  # an object without weak references: fall back to the timesteps alone
+        state.pipeline = None
 
 
 def remove_agentsd(pipe_or_unet: Any) -> None:
@@ -184,6 +240,8 @@ def remove_agentsd(pipe_or_unet: Any) -> None:
         attn = modules.get(name)
         if attn is not None and isinstance(attn.processor, AgentSDProcessor) and attn.processor.state is state:
             attn.set_processor(original)
+    for name in list(state.block_hooks):
+        _drop_block_hook(state, name)
     state.originals.clear()
     state.levels.clear()
     if state.hook is not None:
@@ -233,7 +291,12 @@ class AgentSDSchedule:
         if state is None:
             raise RuntimeError("AgentSDSchedule: AgentSD is not applied; call apply_agentsd(pipe, schedule=schedule) first")
         state.schedule = self
+        if state.pipeline is None and pipe is not unet:
+            _remember_pipeline(state, pipe)
         state._callback_step = state.step = step + 1
+        total = getattr(pipe, "num_timesteps", None)
+        if isinstance(total, int) and step + 1 >= total:  # the generation is over
+            state.new_generation()
         settings = self.settings_for(step + 1)
         if settings != state.settings:
             _set_settings(unet, state, settings)

@@ -3,15 +3,18 @@
 :class:`AgentSDProcessor` replaces the processor of a UNet self-attention layer (``attn1`` of a
 ``BasicTransformerBlock``) through ``Attention.set_processor``.  On each call it
 
-1. merges the tokens entering the attention (the block's ``norm1`` output, the official metric)
-   with :func:`~agent_attention.diffusion.merge.match_tokens` and builds the agent tokens by the
-   stronger merge;
+1. matches the tokens by cosine similarity of the **block input** ``x`` (before ``norm1``; the
+   official ``compute_merge(x)``, handed over by a forward pre-hook on the ``BasicTransformerBlock``)
+   with :func:`~agent_attention.diffusion.merge.match_tokens`, merges the tokens it receives
+   (``norm1(x)``) and builds the agent tokens from them by the stronger merge;
 2. runs ``agent_attention(q, k, v, to_q(agents), scale=s, query_scale=s**k_scale2) + k_shortcut·v``
    on the merged tokens, or plain softmax attention on them (ToMe) when the agents are not fewer
    than half the merged tokens;
 3. applies ``to_out`` on the merged tokens (it acts token by token, so projecting ``N - r`` rows and
    copying them back is exactly equal to copying first, and cheaper), then unmerges.
 
+A processor called outside a hooked block (a bare ``Attention``) matches on its own input instead
+and counts the call under ``calls["metric=attention input"]``.
 The latent size, the current settings and the random generator come from a shared
 :class:`AgentSDState` that a UNet forward pre-hook keeps up to date (see ``patch.py``).
 Calls the processor cannot handle (cross-attention, an attention mask, a token count that is not a
@@ -31,10 +34,12 @@ from torch import Tensor
 
 from ..functional import agent_attention
 from .merge import match_tokens
+from .todo import pool_tokens, pooled_size, project
 
-__all__ = ["AgentSDSettings", "AgentSDState", "AgentSDProcessor", "latent_grid"]
+__all__ = ["AgentSDSettings", "AgentSDState", "AgentSDProcessor", "latent_grid", "METHODS"]
 
 _PRECISIONS = (None, "fp32", "native")
+METHODS = ("agentsd", "todo", "todo+agents")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,12 @@ class AgentSDSettings:
     """AgentSD settings; the defaults are the paper's first phase (steps 0-19 of 50).
 
     Attributes:
+        method: ``"agentsd"`` (the paper: token merging + agents), ``"todo"`` (ToDo: all queries,
+            keys/values average-pooled by ``todo_factor``), ``"todo+agents"`` (agent attention over
+            ToDo's pooled keys/values, agents pooled on the ``sy × sx`` grid); see ``todo.py``.
+        todo_factor: ToDo's pooling factor per side (2: ``2 × 2`` average pooling, keys/values
+            ÷ 4); :func:`~.todo.todo_factor_for_ratio` gives the factor that keeps as many
+            keys/values as ToMe at a ratio.
         ratio: fraction of the tokens merged away (ToMe ``r = int(N·ratio)``).
         agent_ratio: the same for the agent set (agents = ``N - int(N·agent_ratio)`` tokens, at
             least one per ``sy × sx`` cell); agents are used only when fewer than half the merged
@@ -61,6 +72,8 @@ class AgentSDSettings:
             ``None`` draws the seed from torch's global RNG at every new generation.
     """
 
+    method: str = "agentsd"
+    todo_factor: float = 2.0
     ratio: float = 0.4
     agent_ratio: float = 0.95
     sx: int = 4
@@ -84,6 +97,11 @@ class AgentSDSettings:
         md = self.max_downsample
         if md is not None and (isinstance(md, bool) or not isinstance(md, int) or md < 1):
             raise ValueError(f"AgentSD: max_downsample must be a positive int or None, got {md!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"AgentSD: method must be one of {METHODS}, got {self.method!r}")
+        f = self.todo_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 1:
+            raise ValueError(f"AgentSD: todo_factor must be a number >= 1, got {f!r}")
         if self.attn_precision not in _PRECISIONS:
             raise ValueError(f"AgentSD: attn_precision must be one of {_PRECISIONS}, got {self.attn_precision!r}")
         for name in ("k_scale2", "k_shortcut"):
@@ -139,28 +157,45 @@ class AgentSDState:
     originals: Dict[str, Any] = field(default_factory=dict)
     levels: Dict[str, Optional[int]] = field(default_factory=dict)
     hook: Any = None
+    block_hooks: Dict[str, Any] = field(default_factory=dict)
+    block_inputs: Dict[str, Tensor] = field(default_factory=dict)
     _generators: Dict[str, torch.Generator] = field(default_factory=dict)
     _run_seed: Optional[int] = None
     _last_timestep: Optional[float] = None
     _counted_step: int = 0
     _callback_step: Optional[int] = None
+    _pending_new: bool = False
+    pipeline: Any = None  # weakref.ref to the patched pipeline, if a pipeline was patched
+    _seen_timesteps: Any = None
 
     def begin_run(self) -> None:
-        """A new generation starts: step 0, generators re-seeded."""
+        """A new generation starts: step 0, generators re-seeded (see :meth:`new_generation`)."""
         self._counted_step = 0
         self._callback_step = None
+        self._last_timestep = None
         self._generators.clear()
         seed = self.settings.seed
         self._run_seed = int(torch.randint(2**62, (1,)).item()) if seed is None else seed
 
-    def observe_timestep(self, t: Optional[float]) -> int:
-        """Advance the step counter from the timestep of a UNet call (timesteps decrease during a
-        generation; an increase starts a new one); returns the current step."""
-        if t is None:
-            pass
-        elif self._last_timestep is None or t > self._last_timestep:
+    def new_generation(self) -> None:
+        """Declare that the next UNet call starts a new generation (step 0, the destination
+        generator re-seeded).  Patching a *pipeline* detects this by itself (the scheduler's
+        ``set_timesteps``); with a bare UNet in a hand-written loop whose timesteps do not rise
+        between generations (one-step / few-step sampling), call this before each generation."""
+        self._pending_new = True
+
+    def observe_timestep(self, t: Optional[float], new_generation: bool = False) -> int:
+        """Advance the step counter from the timestep of a UNet call; returns the current step.
+
+        A new generation starts when ``new_generation`` is true (the pipeline set new timesteps),
+        after :meth:`new_generation`, at the first call, or when the timestep rises (timesteps
+        decrease during a generation).  A lower timestep is the next step; an equal one the same
+        step (second-order samplers call the UNet twice per step)."""
+        if new_generation or self._pending_new or self._run_seed is None or (
+                t is not None and self._last_timestep is not None and t > self._last_timestep):
+            self._pending_new = False
             self.begin_run()
-        elif t < self._last_timestep:
+        elif t is not None and self._last_timestep is not None and t < self._last_timestep:
             self._counted_step += 1
         if t is not None:
             self._last_timestep = t
@@ -179,7 +214,7 @@ class AgentSDState:
 
 
 class AgentSDProcessor:
-    """Diffusers attention processor running token merging + agent attention (AgentSD).
+    """Diffusers attention processor running token merging + agent attention (AgentSD), or ToDo.
 
     Args:
         state: the shared :class:`AgentSDState` of the UNet.
@@ -233,7 +268,7 @@ class AgentSDProcessor:
             )
 
         settings = state.settings
-        _, h, w = grid
+        hw = grid[1:]
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -243,55 +278,101 @@ class AgentSDProcessor:
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        batch = hidden_states.shape[0]
-
         precision = settings.attn_precision
         fp32 = precision == "fp32" or (precision is None and getattr(attn, "upcast_attention", False))
-        use_rand = settings.use_rand and batch % 2 == 0
-        match = match_tokens(
-            hidden_states, (h, w), sx=settings.sx, sy=settings.sy, ratio=settings.ratio,
-            agent_ratio=settings.agent_ratio, use_rand=use_rand,
-            generator=state.generator(hidden_states.device) if use_rand else None, fp32=fp32,
-        )
-        tokens = match.merge(hidden_states)
-        agent_tokens = match.agents(hidden_states)
 
-        query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        split = lambda t: t.view(batch, -1, heads, head_dim).transpose(1, 2)  # noqa: E731
-        query, key, value = split(query), split(key), split(value)
-        agents = None if agent_tokens is None else split(attn.to_q(agent_tokens))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-            agents = None if agents is None else attn.norm_q(agents)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        dtype = query.dtype
-        if fp32 and dtype != torch.float32:
-            with torch.autocast(device_type=query.device.type, enabled=False):
-                out = self._attend(query.float(), key.float(), value.float(), None if agents is None else agents.float(), attn, settings)
-            out = out.to(dtype)
+        if settings.method == "agentsd":
+            out = self._agentsd(attn, hidden_states, hw, settings, fp32)
         else:
-            out = self._attend(query, key, value, agents, attn, settings)
-        state.calls["agent" if agents is not None else "tome"] += 1
-
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(dtype)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        out = match.unmerge(out)
+            out = self._todo(attn, hidden_states, hw, settings, fp32)
 
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:
+            out = out / attn.rescale_output_factor
+        return out
+
+    # ------------------------------------------------------------------ paths
+    def _agentsd(self, attn, hidden_states: Tensor, hw, settings: AgentSDSettings, fp32: bool) -> Tensor:
+        state = self.state
+        batch = hidden_states.shape[0]
+        metric = state.block_inputs.pop(self.name, None)
+        if metric is None or metric.shape[:2] != hidden_states.shape[:2]:
+            metric = hidden_states  # called outside a hooked block (a bare Attention layer)
+            state.calls["metric=attention input"] += 1
+        use_rand = settings.use_rand and batch % 2 == 0
+        match = match_tokens(
+            metric, hw, sx=settings.sx, sy=settings.sy, ratio=settings.ratio,
+            agent_ratio=settings.agent_ratio, use_rand=use_rand,
+            generator=state.generator(hidden_states.device) if use_rand else None, fp32=fp32,
+        )
+        tokens = match.merge(hidden_states)
+        query, key, value = project(tokens, [attn.to_q, attn.to_k, attn.to_v])
+        agents = None
+        if match.has_agents:  # to_q(agents) = the agents' mean of the merged rows' to_q input
+            agents = attn.to_q(match.agents_from_merged(tokens))
+        out = self._attend(attn, query, key, value, agents, settings, fp32)
+        state.calls["agent" if agents is not None else "tome"] += 1
+        return match.unmerge(self._to_out(attn, out))
+
+    def _todo(self, attn, hidden_states: Tensor, hw, settings: AgentSDSettings, fp32: bool) -> Tensor:
+        f = float(settings.todo_factor)
+        kv_hw = pooled_size(hw, f, f)
+        pooled = pool_tokens(hidden_states, hw, kv_hw)
+        agents = None
+        n_kv = kv_hw[0] * kv_hw[1]
+        if settings.method == "todo+agents":
+            agent_hw = pooled_size(hw, settings.sy, settings.sx)
+            if 2 * agent_hw[0] * agent_hw[1] < n_kv:
+                agents = attn.to_q(pool_tokens(hidden_states, hw, agent_hw))
+        if agents is None:
+            query = attn.to_q(hidden_states)
+            key, value = project(pooled, [attn.to_k, attn.to_v])
+            shortcut = None
+        else:  # the full values for the shortcut; pooled values = pooled full values (affine map)
+            query, shortcut = project(hidden_states, [attn.to_q, attn.to_v])
+            key = attn.to_k(pooled)
+            value = pool_tokens(shortcut, hw, kv_hw)
+        out = self._attend(attn, query, key, value, agents, settings, fp32, shortcut=shortcut)
+        self.state.calls["todo+agents" if agents is not None else "todo"] += 1
+        return self._to_out(attn, out)
+
+    # ------------------------------------------------------------------ pieces
+    @staticmethod
+    def _attend(attn, query, key, value, agents, settings, fp32, shortcut=None) -> Tensor:
+        """Attention on (B, n, heads·d) tensors; returns (B, n, heads·d) in the query's dtype."""
+        batch, heads = query.shape[0], attn.heads
+        head_dim = key.shape[-1] // heads
+        split = lambda t: t.view(batch, -1, heads, head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(query), split(key), split(value)
+        a = None if agents is None else split(agents)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+            a = None if a is None else attn.norm_q(a)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        s = split(shortcut) if shortcut is not None else v
+        dtype = q.dtype
+        if fp32 and dtype != torch.float32:
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                out = _attention(q.float(), k.float(), v.float(), None if a is None else a.float(),
+                                 s.float(), float(attn.scale), settings)
+            out = out.to(dtype)
+        else:
+            out = _attention(q, k, v, a, s, float(attn.scale), settings)
+        return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
 
     @staticmethod
-    def _attend(query: Tensor, key: Tensor, value: Tensor, agents: Optional[Tensor], attn, settings: AgentSDSettings) -> Tensor:
-        scale = float(attn.scale)
-        if agents is None:
-            return F.scaled_dot_product_attention(query, key, value, scale=scale)
-        out = agent_attention(query, key, value, agents, scale=scale, query_scale=scale ** settings.k_scale2)
-        return out + settings.k_shortcut * value
+    def _to_out(attn, out: Tensor) -> Tensor:
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _attention(q, k, v, agents, shortcut, scale: float, settings: AgentSDSettings) -> Tensor:
+    if agents is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = agent_attention(q, k, v, agents, scale=scale, query_scale=scale ** settings.k_scale2)
+    if out.requires_grad:  # SDPA's backward needs its output
+        return out + settings.k_shortcut * shortcut
+    return out.add_(shortcut, alpha=settings.k_shortcut)  # in place: a fresh tensor of SDPA

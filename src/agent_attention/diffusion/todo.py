@@ -1,0 +1,67 @@
+"""ToDo (token downsampling, Smith et al. 2024) for AgentSD's processor, and the fused projections
+shared by every path.
+
+ToDo keeps **all queries** and average-pools the **keys and values** on the 2-D token grid by a
+factor ``f`` (``h × w → round(h/f) × round(w/f)``; an integer ``f`` dividing the grid is exactly
+ToDo's ``f × f`` average pooling, other factors use adaptive average pooling, whose windows may
+overlap).  Projections are affine and the pooling weights sum to one, so pooling the tokens before
+``to_k``/``to_v`` equals pooling the keys and values, and is cheaper.
+
+``todo+agents``: agent attention over the pooled keys/values, with all tokens as queries and the
+agents pooled on a ``round(h/sy) × round(w/sx)`` grid (through ``to_q``, as AgentSD's agents):
+``softmax(q aᵀ s^k_scale2) · softmax(a k̃ᵀ s) · ṽ + k_shortcut · v`` (``k̃, ṽ`` pooled, ``v`` the full
+values: the shortcut stays local).  Linear in the token count, where ToDo alone stays quadratic.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["pool_tokens", "pooled_size", "project", "todo_factor_for_ratio"]
+
+
+def pooled_size(hw: Tuple[int, int], fy: float, fx: float) -> Tuple[int, int]:
+    h, w = hw
+    return max(1, round(h / fy)), max(1, round(w / fx))
+
+
+def todo_factor_for_ratio(ratio: float) -> float:
+    """The ToDo factor that keeps ``1 - ratio`` of the keys/values (ToMe's token count at ``ratio``)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ToDo: ratio must be in [0, 1), got {ratio!r}")
+    return (1.0 - ratio) ** -0.5
+
+
+def pool_tokens(x: Tensor, hw: Tuple[int, int], out_hw: Tuple[int, int]) -> Tensor:
+    """Average-pool the tokens ``x`` (B, h·w, C) of a row-major grid to ``out_hw``: (B, h'·w', C)."""
+    B, N, C = x.shape
+    h, w = hw
+    if tuple(out_hw) == (h, w):
+        return x
+    grid = x.transpose(1, 2).reshape(B, C, h, w)  # a channels-last view: no copy
+    if h % out_hw[0] == 0 and w % out_hw[1] == 0:
+        k = (h // out_hw[0], w // out_hw[1])
+        pooled = F.avg_pool2d(grid, k, stride=k)
+    else:
+        pooled = F.adaptive_avg_pool2d(grid, out_hw)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear
+
+
+def project(x: Tensor, modules: List[nn.Module]) -> List[Tensor]:
+    """``[m(x) for m in modules]``, as one GEMM when they are all plain ``nn.Linear`` (the weights
+    are concatenated at every call, which costs far less than the product and never goes stale)."""
+    if len(modules) == 1 or not all(_plain_linear(m) and m.weight.dtype == modules[0].weight.dtype for m in modules):
+        return [m(x) for m in modules]
+    weight = torch.cat([m.weight for m in modules])
+    bias: Optional[Tensor] = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    out = F.linear(x, weight, bias)
+    return list(out.split([m.out_features for m in modules], dim=-1))
