@@ -177,8 +177,8 @@ def measure(name: str, size: int, batch: int, mode: str, args, device: torch.dev
             a, b = fns[label("agent", amp)](), fns[label("official", amp)]()
             diffs[amp] = (a.float() - b.float()).abs().max().item()
     for fn in fns.values():  # warm-up: compilation, oneDNN primitives, bias caches, AdamW state
-        fn()
-        fn()
+        for _ in range(2 if mode == "train" else 1):
+            fn()
     memory = {k: common.peak_memory(fn, device) for k, fn in fns.items()}
     timings = common.time_round_robin(fns, device, repeats=args.repeats, max_s_per_fn=args.max_seconds, warmed=True)
     records = []
