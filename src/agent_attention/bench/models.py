@@ -272,23 +272,31 @@ def _main(args: argparse.Namespace) -> int:
     for size, batch, mode in plan(args):
         for name in args.models:
             records += measure(name, size, batch, mode, args, device)
+            report(records, args, info, final=False)  # a killed run keeps what it measured
     info["load_avg_1min_end"] = common.machine_info(device).get("load_avg_1min")
+    for p in report(records, args, info, final=True):
+        print(f"wrote {p}")
+    return 0
+
+
+def report(records: List[dict], args, info: dict, final: bool) -> list:
+    """Write models.md/.json (and, at the end, print the tables and draw models.png)."""
     md_parts = []
     for title, headers, rows in tables(records):
-        print(f"\n{title}\n" + common.text_table(headers, rows))
+        if final:
+            print(f"\n{title}\n" + common.text_table(headers, rows))
         md_parts.append(f"### {title}\n\n" + common.markdown_table(headers, rows))
     paths = []
-    if not args.no_plot:
+    if final and not args.no_plot:
         paths.append(plot(records, args.out / "models.png",
                           f"agent models vs the official-style computation and timm softmax models\n"
                           f"{common.machine_line(info, wrap=True)}"))
-    md = (f"Machine: {common.machine_line(info)}; load average {info.get('load_avg_1min_end')} at the end\n\n"
+    end = info.get("load_avg_1min_end")
+    md = (f"Machine: {common.machine_line(info)}" + (f"; load average {end} at the end" if end is not None else
+                                                      " (run in progress or interrupted)") + "\n\n"
           f"Random weights. img/s = batch / {args.stat} time of up to {args.repeats} interleaved rounds; "
           f"memory = peak extra bytes allocated by one call (inference: a forward; train: forward, backward "
           f"and AdamW step). `agent/official`: speed-up of the shipped model over the same model and weights "
           f"computing attention as the official code; `mem official/agent`: how much more memory the official "
           f"computation needs.\n\n" + "\n\n".join(md_parts))
-    paths += common.write_outputs(args.out, "models", md, {"machine": info, "args": vars(args), "records": records})
-    for p in paths:
-        print(f"wrote {p}")
-    return 0
+    return paths + common.write_outputs(args.out, "models", md, {"machine": info, "args": vars(args), "records": records})
