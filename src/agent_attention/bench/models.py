@@ -36,7 +36,7 @@ from torch import nn
 
 from ..functional import fused
 from . import common
-from .models_report import plot, profile_table, tables, label
+from .models_report import label, plot, profile_table, tables
 
 #: agent model -> (timm softmax counterpart or None, note)
 COUNTERPARTS = {

@@ -6,7 +6,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from . import common
 
-__all__ = ["label", "tables", "plot", "profile_table"]
+__all__ = ["label", "plot", "profile_table", "tables"]
 
 VARIANT_ORDER = ("agent", "official", "math", "softmax", "compiled")
 MODE_TITLES = {"infer": "Inference", "train": "Training step (forward + backward + AdamW)"}
