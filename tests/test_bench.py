@@ -108,17 +108,39 @@ def test_bench_dispatch_and_errors(capsys):
 
 
 def test_bench_models_tiny(tmp_path, capsys):
-    rc = bench_main(["models", "--models", "agent_pvt_t", "--sizes", "64", "--repeats", "1", "--threads", "1",
-                     "--out", str(tmp_path)])
+    rc = bench_main(["models", "--models", "agent_pvt_t", "--sizes", "64", "80", "--batch", "2", "--amp", "none",
+                     "bf16", "--repeats", "1", "--threads", "1", "--max-seconds", "1", "--out", str(tmp_path)])
     assert rc == 0
     records = json.loads((tmp_path / "models.json").read_text())["records"]
-    assert {r["variant"] for r in records} == {"agent", "math", "softmax"}
+    # the first size at every batch and mode, the second at the sweep batch (1), inference only
+    assert {(r["size"], r["batch"], r["mode"]) for r in records} == {(64, 2, "infer"), (64, 2, "train"), (80, 1, "infer")}
+    assert {(r["variant"], r["amp"]) for r in records} == {
+        (v, a) for v in ("agent", "official", "softmax") for a in ("none", "bf16")}
     assert {r["timm_model"] for r in records if r["variant"] == "softmax"} == {"pvt_v2_b1"}
     assert all(r["images_per_s"] > 0 and r["peak_bytes"] > 0 for r in records)
+    # the baseline computes the same logits (fp32: to rounding; bf16: to bf16 precision)
+    diffs = {r["amp"]: r["max_abs_diff_vs_agent"] for r in records if r["variant"] == "official" and r["mode"] == "infer"}
+    assert diffs["none"] < 1e-5 and diffs["bf16"] < 0.1
+    # a training step allocates at least the gradients of every parameter (fp32)
+    train = [r for r in records if r["mode"] == "train" and r["variant"] == "agent"]
+    assert all(r["peak_bytes"] >= 4 * r["params"] for r in train)
     assert (tmp_path / "models.png").read_bytes()[:8] == PNG_MAGIC
-    assert "agent/math" in (tmp_path / "models.md").read_text()
+    md = (tmp_path / "models.md").read_text()
+    for title in ("Inference, fp32", "Inference, bf16 autocast", "Training step (forward + backward + AdamW), fp32",
+                  "agent/official", "mem official/agent", "agent bf16/fp32"):
+        assert title in md
     assert bench_main(["models", "--models", "agent_nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+    assert bench_main(["models", "--sizes", "64", "--train-sizes", "96"]) == 2
+    assert "--train-sizes" in capsys.readouterr().err
+
+
+def test_bench_models_plan():
+    from agent_attention.bench.models import build_parser, plan
+
+    args = build_parser().parse_args(["--sizes", "224", "384", "--batch", "1", "8", "--train-sizes", "224", "384"])
+    assert plan(args) == [(224, 1, "infer"), (224, 1, "train"), (224, 8, "infer"), (224, 8, "train"),
+                          (384, 1, "infer"), (384, 1, "train")]
 
 
 # ----------------------------------------------------------------------------- torch.compile

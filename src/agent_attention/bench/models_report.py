@@ -1,0 +1,129 @@
+"""Tables, plot and profiles of ``bench models`` (:mod:`agent_attention.bench.models`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import common
+
+__all__ = ["label", "plot", "profile_table", "tables"]
+
+VARIANT_ORDER = ("agent", "official", "math", "softmax", "compiled")
+MODE_TITLES = {"infer": "Inference", "train": "Training step (forward + backward + AdamW)"}
+
+
+def label(variant: str, amp: str) -> str:
+    """The column name of a variant at a precision: ``agent``, ``agent+bf16``."""
+    return variant if amp == "none" else f"{variant}+{amp}"
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if not a or not b else a / b
+
+
+def tables(records: List[dict]) -> List[Tuple[str, List[str], List[List[str]]]]:
+    """One ``(title, headers, rows)`` per mode and precision; rows per model, size and batch."""
+    out = []
+    ok = [r for r in records if "mode" in r]
+    for mode in [m for m in MODE_TITLES if any(r["mode"] == m for r in ok)]:
+        amps = list(dict.fromkeys(r["amp"] for r in ok if r["mode"] == mode))
+        for amp in amps:
+            recs = [r for r in ok if r["mode"] == mode and r["amp"] == amp]
+            variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in recs)]
+            fp32 = {(r["model"], r["size"], r["batch"], r["variant"]): r for r in ok
+                    if r["mode"] == mode and r["amp"] == "none"}
+            speedup_col = amp != "none" and fp32
+            headers = (["model", "size", "batch"] + [f"{v} img/s" for v in variants]
+                       + (["agent/official"] if "official" in variants else [])
+                       + (["agent/softmax"] if "softmax" in variants else [])
+                       + ([f"agent {amp}/fp32"] if speedup_col else [])
+                       + [f"{v} MB" for v in variants]
+                       + (["mem official/agent"] if "official" in variants else []))
+            rows = []
+            groups = list(dict.fromkeys((r["model"], r["size"], r["batch"]) for r in recs))
+            for model, size, batch in groups:
+                by_v: Dict[str, dict] = {r["variant"]: r for r in recs
+                                         if (r["model"], r["size"], r["batch"]) == (model, size, batch)}
+                ips = {v: by_v.get(v, {}).get("images_per_s") for v in variants}
+                mem = {v: by_v.get(v, {}).get("peak_bytes") for v in variants}
+                row = [model, str(size), str(batch)]
+                row += [f"{ips[v]:.3g}" if ips[v] else ("error" if by_v.get(v, {}).get("error") else "—")
+                        for v in variants]
+                if "official" in variants:
+                    row.append(common.fmt_ratio(_ratio(ips.get("agent"), ips.get("official"))))
+                if "softmax" in variants:
+                    row.append(common.fmt_ratio(_ratio(ips.get("agent"), ips.get("softmax"))))
+                if speedup_col:
+                    base = fp32.get((model, size, batch, "agent"), {}).get("images_per_s")
+                    row.append(common.fmt_ratio(_ratio(ips.get("agent"), base)))
+                row += [common.fmt_mb(mem[v]) for v in variants]
+                if "official" in variants:
+                    row.append(common.fmt_ratio(_ratio(mem.get("official"), mem.get("agent"))))
+                rows.append(row)
+            prec = "fp32" if amp == "none" else f"{amp} autocast"
+            out.append((f"{MODE_TITLES[mode]}, {prec}", headers, rows))
+    return out
+
+
+def plot(records: List[dict], path: Path, title: str) -> Path:
+    """One column per model; rows: images/s and peak memory per mode, against the input size."""
+    from .._extras import require
+
+    require("matplotlib", "the benchmark plots", "bench")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    ok = [r for r in records if r.get("images_per_s")]
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in ok)]
+    sizes = sorted({r["size"] for r in ok})
+    panels = [(mode, key) for mode in modes for key in ("images_per_s", "peak_bytes")]
+    fig = Figure(figsize=(3.3 * max(1, len(models)) + 0.6, 2.9 * len(panels) + 0.6), layout="constrained")
+    axes = fig.subplots(max(1, len(panels)), max(1, len(models)), squeeze=False)
+    colors = {"agent": "tab:green", "official": "tab:purple", "math": "tab:orange", "softmax": "tab:red",
+              "compiled": "tab:blue"}
+    batches = sorted({r["batch"] for r in ok})
+    markers = dict(zip(batches, "os^Dv<>"))
+    for col, m in enumerate(models):
+        for row, (mode, key) in enumerate(panels):
+            ax = axes[row, col]
+            lines = dict.fromkeys((r["variant"], r["amp"], r["batch"]) for r in ok
+                                  if r["model"] == m and r["mode"] == mode)
+            for v, amp, batch in lines:
+                pts = sorted((r["size"], r[key] * (1.0 if key == "images_per_s" else 2.0**-20)) for r in ok
+                             if (r["model"], r["mode"], r["variant"], r["amp"], r["batch"]) == (m, mode, v, amp, batch)
+                             and r.get(key))
+                if not pts:
+                    continue
+                name = label(v, amp) + (f", b{batch}" if len(batches) > 1 else "")
+                ax.plot(*zip(*pts), ls="-" if amp == "none" else "--", marker=markers[batch],
+                        color=colors.get(v, "gray"), label=name, ms=4)
+            ax.set_yscale("log")
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([str(s) for s in sizes], fontsize=7)
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="both", labelsize=6)
+            ax.grid(True, which="both", alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(f"{mode}: " + ("images / s" if key == "images_per_s" else "peak MB"), fontsize=8)
+            if row == 0:
+                ax.set_title(m, fontsize=9)
+            if col == 0 and key == "images_per_s":
+                ax.legend(fontsize=5.5, loc="best")
+            if row == len(panels) - 1:
+                ax.set_xlabel("input size (pixels per side)", fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    return common.save_figure(fig, path)
+
+
+def profile_table(call: Callable[[], object], rows: int) -> str:
+    """The ``rows`` operators with the most self CPU time in one call of ``call`` (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    with common._quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            call()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
