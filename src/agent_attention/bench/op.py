@@ -1,51 +1,52 @@
-"""``agent-attention bench op``: how the agent attention op scales with the number of tokens.
+"""agent-attention bench op: how the agent attention op scales with the number of tokens.
 
-Three ways to attend over an ``H × W`` grid of tokens with the heads of Agent-PVT stage 1
-(C = 64, one head of 64 channels, 9 agents, biases built for the 56 × 56 grid of a 224 image):
+Attention over an ``H × W`` grid of tokens with the heads of Agent-PVT stage 1 (C = 64, one head
+of 64 channels, 49 agents, biases built for the 56 × 56 grid of a 224 image), with and without the
+agent biases (``--bias``), forward and (``--backward``) forward + backward:
 
-* ``agent``: :func:`agent_attention.functional.agent_attention` (two fused SDPA calls, biases
-  broadcast over the batch);
-* ``straightforward``: the same agent attention written as explicit matmuls and softmaxes with the
-  biases ``repeat``-ed per batch item (how the official code does it) — the baseline of this
-  benchmark only, not used by the library;
-* ``sdpa``: ordinary softmax attention over all ``N`` tokens,
-  ``F.scaled_dot_product_attention(q, k, v)`` (cost ``O(N²)``).
+* ``agent``: :func:`agent_attention.functional.agent_attention` (its ``auto`` kernel choice);
+* ``math``: :func:`agent_attention.functional.agent_attention_math` (the reference);
+* ``straightforward``: the same agent attention written as the official code does it (explicit
+  maps, biases ``repeat``-ed per batch item) — a baseline of this benchmark only;
+* ``sdpa``: ordinary softmax attention over all ``N`` tokens, ``F.scaled_dot_product_attention``;
+* ``floor``: the memory floor, a copy of the operand bytes (q, k, v, agents and biases; in
+  forward + backward also the output gradient) into a preallocated buffer, timed the same way.
 
-All three receive the same ``q, k, v`` (and the agents pooled from ``q`` and the biases for this
-grid, computed once outside the timed region). Prints a table with ratios and writes
-``op.md``/``op.json``/``op.png`` (log-log time and peak memory against ``N``).
+All methods of one grid size and pass are timed in the same interleaved rounds. Prints tables with
+ratios and the issue-14 goals, writes ``op.md``/``op.json``/``op.png``.
 """
 from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import agent_attention
+from ..functional import agent_attention, agent_attention_math
 from ..layers import AgentAttention, agent_bias_2d, pool_agents, query_bias_2d
 from . import common
+from .op_report import goals, plot, table
 
-METHODS = ("agent", "straightforward", "sdpa")
-LABELS = {
-    "agent": "agent_attention (fused)",
-    "straightforward": "straightforward agent attention",
-    "sdpa": "SDPA softmax attention",
-}
+METHODS = ("agent", "math", "straightforward", "sdpa", "floor")
+BIAS_FREE = ("sdpa",)  # methods that do not take the agent biases: timed once per size and pass
+BIAS_CHOICES = {"both": (True, False), "on": (True,), "off": (False,)}
 DEFAULT_SIZES = (28, 56, 96, 128, 192)
 
 
-def straightforward_agent_attention(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Tensor,
-                                    query_bias: Tensor, scale: float) -> Tensor:
+def straightforward_agent_attention(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias: Optional[Tensor],
+                                    query_bias: Optional[Tensor], scale: float) -> Tensor:
     """Agent attention as the official code computes it: explicit maps, biases copied per batch item."""
     B = q.shape[0]
-    attn = (agents * scale) @ k.transpose(-2, -1) + agent_bias.repeat(B, 1, 1, 1)
+    attn = (agents * scale) @ k.transpose(-2, -1)
+    if agent_bias is not None:
+        attn = attn + agent_bias.repeat(B, 1, 1, 1)
     agent_v = attn.softmax(dim=-1) @ v
-    attn = (q * scale) @ agents.transpose(-2, -1) + query_bias.repeat(B, 1, 1, 1)
+    attn = (q * scale) @ agents.transpose(-2, -1)
+    if query_bias is not None:
+        attn = attn + query_bias.repeat(B, 1, 1, 1)
     return attn.softmax(dim=-1) @ agent_v
 
 
@@ -88,130 +89,100 @@ def _sdpa_estimate(t: Dict[str, Tensor]) -> int:
     return B * h * N * d * q.element_size() * 4 if fused else 2 * B * h * N * N * q.element_size()
 
 
-def _functions(t: Dict[str, Tensor], methods: Sequence[str]):
-    fns = {
-        "agent": lambda: agent_attention(t["q"], t["k"], t["v"], t["agents"], agent_bias=t["agent_bias"],
-                                         query_bias=t["query_bias"], scale=t["scale"]),
-        "straightforward": lambda: straightforward_agent_attention(
-            t["q"], t["k"], t["v"], t["agents"], t["agent_bias"], t["query_bias"], t["scale"]),
-        "sdpa": lambda: F.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
-    }
-    return {m: fns[m] for m in methods}
+def _forward(method: str, x: Dict[str, Tensor], scale: float) -> Callable[[], Tensor]:
+    ab, qb = x.get("agent_bias"), x.get("query_bias")
+    q, k, v, a = x["q"], x["k"], x["v"], x["agents"]
+    if method == "agent":
+        return lambda: agent_attention(q, k, v, a, agent_bias=ab, query_bias=qb, scale=scale)
+    if method == "math":
+        return lambda: agent_attention_math(q, k, v, a, agent_bias=ab, query_bias=qb, scale=scale)
+    if method == "straightforward":
+        return lambda: straightforward_agent_attention(q, k, v, a, ab, qb, scale)
+    if method == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _copy(tensors: Sequence[Tensor]) -> Callable[[], Tensor]:
+    """A copy of the bytes of ``tensors`` into one preallocated buffer (reads and writes each once)."""
+    flat = [t.detach().reshape(-1) for t in tensors]
+    buf = torch.empty(sum(t.numel() for t in flat), dtype=flat[0].dtype, device=flat[0].device)
+    return lambda: torch.cat(flat, out=buf)
+
+
+def functions(t: Dict[str, Tensor], methods: Sequence[str], bias: bool, backward: bool) -> Dict[str, Callable]:
+    """The timed callables of one (bias, pass): forward only, or forward + ``torch.autograd.grad``
+    of every operand (no ``.grad`` accumulation); ``floor`` then copies the operands and, for the
+    backward, the operands and the output gradient again (read grad_out, write the gradients)."""
+    names = ["q", "k", "v", "agents"] + (["agent_bias", "query_bias"] if bias else [])
+    operands = [t[n] for n in names]
+    fns: Dict[str, Callable] = {}
+    if not backward:
+        for m in methods:
+            fns[m] = _copy(operands) if m == "floor" else _forward(m, {n: t[n] for n in names}, t["scale"])
+        return fns
+    leaves = {n: t[n].detach().clone().requires_grad_(True) for n in names}
+    grad_out = torch.randn_like(t["q"])
+    for m in methods:
+        if m == "floor":
+            fwd, bwd = _copy(operands), _copy(operands + [grad_out])
+            fns[m] = lambda fwd=fwd, bwd=bwd: (fwd(), bwd())
+            continue
+        inputs = [leaves[n] for n in (("q", "k", "v") if m == "sdpa" else names)]
+        f = _forward(m, leaves, t["scale"])
+        fns[m] = lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, grad_out)
+    return fns
 
 
 def run(sizes: Sequence[int], *, batch: int, dim: int, heads: int, agents: int, window: int,
         dtype: torch.dtype, device: torch.device, repeats: int, mem_budget: float, methods: Sequence[str],
-        max_s: float, stat: str = "median", log=print) -> List[dict]:
-    """Measure every method at every grid side; returns one record per (side, method)."""
+        max_s: float, stat: str = "median", biases: Sequence[bool] = (True,), passes: Sequence[str] = ("fwd",),
+        log=print) -> List[dict]:
+    """Measure every method at every grid side, bias setting and pass; one record per combination.
+
+    Per size and pass, all methods of all bias settings run in the same interleaved rounds; the
+    bias-free ``sdpa`` is timed once and its record repeated for every bias setting."""
     records = []
     for side in sizes:
         t = make_inputs(side, batch=batch, dim=dim, heads=heads, agents=agents, window=window,
                         dtype=dtype, device=device)
         N = side * side
-        fns = _functions(t, methods)
-        skipped: Dict[str, str] = {}
-        if "sdpa" in fns and _sdpa_estimate(t) > mem_budget:
-            skipped["sdpa"] = f"skipped (would need {_sdpa_estimate(t) / 2**30:.1f} GB)"
-            del fns["sdpa"]
-        with torch.inference_mode():
-            check = None
-            if "agent" in fns and "straightforward" in fns:
-                check = (fns["agent"]().float() - fns["straightforward"]().float()).abs().max().item()
-            memory = {m: common.peak_memory(fn, device) for m, fn in fns.items()}
-            timings = common.time_round_robin(fns, device, repeats=repeats, max_s_per_fn=max_s, warmed=True)
-        for m in methods:
-            rec = {"side": side, "tokens": N, "method": m, "batch": batch, "heads": heads, "dtype": str(dtype).replace("torch.", "")}
-            if m in skipped:
-                rec["skipped"] = skipped[m]
-            else:
-                rec.update(seconds=timings[m].stat(stat), seconds_median=timings[m].median, seconds_min=timings[m].best,
-                           samples=timings[m].samples, peak_bytes=memory[m])
-            if m == "agent" and check is not None:
-                rec["max_abs_diff_vs_straightforward"] = check
-            records.append(rec)
-        log(f"  {side}x{side} ({N} tokens): " + ", ".join(
-            f"{m} {common.fmt_ms(timings[m].stat(stat))} ms" if m in timings else f"{m} {skipped[m]}" for m in methods))
-        del t, fns
+        skip = "sdpa" in methods and _sdpa_estimate(t) > mem_budget
+        for ps in passes:
+            backward = ps == "fwdbwd"
+            fns: Dict[tuple, Callable] = {}
+            for b in biases:
+                for m, fn in functions(t, [m for m in methods if not (skip and m == "sdpa")], b, backward).items():
+                    if m in BIAS_FREE and b != biases[0]:
+                        continue
+                    fns[(m, b)] = fn
+            with torch.inference_mode(not backward):
+                diffs = {}
+                for b in biases:
+                    if ("agent", b) in fns and ("math", b) in fns and not backward:
+                        diffs[b] = (fns[("agent", b)]().float() - fns[("math", b)]().float()).abs().max().item()
+                memory = {key: common.peak_memory(fn, device) for key, fn in fns.items()}
+                timings = common.time_round_robin(fns, device, repeats=repeats, max_s_per_fn=max_s, warmed=True)
+            for b in biases:
+                for m in methods:
+                    key = (m, biases[0]) if m in BIAS_FREE else (m, b)
+                    rec = {"side": side, "tokens": N, "method": m, "bias": b, "pass": ps, "batch": batch,
+                           "heads": heads, "agents": agents, "dtype": str(dtype).replace("torch.", "")}
+                    if key not in timings:
+                        rec["skipped"] = f"skipped (would need {_sdpa_estimate(t) / 2**30:.1f} GB)"
+                    else:
+                        tm = timings[key]
+                        rec.update(seconds=tm.stat(stat), seconds_median=tm.median, seconds_min=tm.best,
+                                   samples=tm.samples, peak_bytes=memory[key])
+                    if m == "agent" and b in diffs:
+                        rec["max_abs_diff_vs_math"] = diffs[b]
+                    records.append(rec)
+            log(f"  {side}x{side} ({N} tokens) {ps}: " + ", ".join(
+                f"{m}{'' if m in BIAS_FREE else ('+bias' if b else '')} {common.fmt_ms(tm.stat(stat))} ms"
+                for (m, b), tm in timings.items()))
+            del fns
+        del t
     return records
-
-
-def _get(records, side, method, key):
-    for r in records:
-        if r["side"] == side and r["method"] == method:
-            return r.get(key)
-    return None
-
-
-def table(records: List[dict], methods: Sequence[str]):
-    """Headers and rows: times, peak memories and the ratios against ``agent``."""
-    sides = sorted({r["side"] for r in records})
-    headers = ["grid", "tokens N"] + [f"{m} ms" for m in methods] + [f"{m} MB" for m in methods]
-    others = [m for m in methods if m != "agent"]
-    if "agent" in methods:
-        headers += [f"time {m}/agent" for m in others] + [f"mem {m}/agent" for m in others]
-    rows = []
-    for s in sides:
-        sec = {m: _get(records, s, m, "seconds") for m in methods}
-        mem = {m: _get(records, s, m, "peak_bytes") for m in methods}
-        row = [f"{s}×{s}", f"{s * s:,}"]
-        row += [common.fmt_ms(sec[m]) if sec[m] is not None else (_get(records, s, m, "skipped") or "—") for m in methods]
-        row += [common.fmt_mb(mem[m]) for m in methods]
-        if "agent" in methods:
-            ratio = lambda a, b: None if a is None or not b else a / b  # noqa: E731
-            row += [common.fmt_ratio(ratio(sec[m], sec["agent"])) for m in others]
-            row += [common.fmt_ratio(ratio(mem[m], mem["agent"])) for m in others]
-        rows.append(row)
-    return headers, rows
-
-
-def slopes(records: List[dict], methods: Sequence[str], key: str, last: int = 3) -> Dict[str, Optional[float]]:
-    """Growth exponent of ``key`` against N over the ``last`` largest measured sizes."""
-    out = {}
-    for m in methods:
-        pts = sorted((r["tokens"], r[key]) for r in records if r["method"] == m and r.get(key))
-        pts = pts[-last:]
-        out[m] = common.loglog_slope([p[0] for p in pts], [p[1] for p in pts])
-    return out
-
-
-def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) -> Path:
-    """Log-log time and peak memory against N, with ∝N / ∝N² guides through the largest points."""
-    fig, (ax_t, ax_m) = common.new_figure(2)
-    styles = {"agent": ("tab:green", "o"), "straightforward": ("tab:orange", "s"), "sdpa": ("tab:red", "^")}
-    all_n = sorted({r["tokens"] for r in records})
-    panels = ((ax_t, "seconds", "time per call (ms)", 1e3), (ax_m, "peak_bytes", "peak extra memory (MB)", 2.0**-20))
-
-    def series(m, key, scale):
-        return sorted((r["tokens"], r[key] * scale) for r in records if r["method"] == m and r.get(key))
-
-    for ax, key, ylabel, scale in panels:
-        for m in methods:
-            pts = series(m, key, scale)
-            if pts:
-                color, marker = styles[m]
-                ax.plot(*zip(*pts), marker=marker, color=color, label=LABELS[m])
-        guides = [(1, "agent", ":")] + ([(2, "sdpa", "--")] if key == "seconds" else [])
-        for slope, anchor, ls in guides:
-            pts = series(anchor, key, scale)
-            if pts and len(all_n) > 1:
-                n0, y0 = pts[-1]
-                xs = [all_n[0], all_n[-1]]
-                ax.plot(xs, [y0 * (x / n0) ** slope for x in xs], ls, color="gray", lw=1,
-                        label="∝ N² guide" if slope == 2 else "∝ N guide")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens N = H·W")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    # What softmax attention needs when the N×N map is materialised (math backend, official code).
-    r0 = records[0]
-    elem = torch.empty((), dtype=getattr(torch, r0["dtype"])).element_size()
-    ax_m.plot(all_n, [r0["batch"] * r0.get("heads", 1) * n * n * elem / 2**20 for n in all_n], "--", color="tab:red",
-              alpha=0.5, lw=1, label="N×N score matrix, if materialised")
-    ax_t.legend(fontsize=8)
-    ax_m.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    return common.save_figure(fig, path)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -228,19 +199,24 @@ def _dtypes(names: Sequence[str], device: torch.device) -> List[torch.dtype]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-attention bench op", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="grid sides H=W (tokens N = side²)")
-    p.add_argument("--batch", type=int, default=2)
+    p = argparse.ArgumentParser(prog="agent-attention bench op", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                   help="grid sides H=W, tokens N = side² (default 28 56 96 128 192)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--dim", type=int, default=64, help="channels C (Agent-PVT stage 1: 64)")
     p.add_argument("--heads", type=int, default=1, help="heads (Agent-PVT stage 1: 1)")
-    p.add_argument("--agents", type=int, default=9, help="agent tokens, a square (Agent-PVT stage 1: 9)")
+    p.add_argument("--agents", type=int, default=49, help="agent tokens, a square (Agent-PVT: 49)")
     p.add_argument("--window", type=int, default=56, help="grid the biases are built for (stage 1 at 224: 56)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="methods to time (default: all of " + ", ".join(METHODS) + ")")
+    p.add_argument("--bias", choices=tuple(BIAS_CHOICES), default="both",
+                   help="with the agent biases (on), without (off) or both (default)")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward (gradients of every operand)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", nargs="+", default=["auto"],
                    help="auto (fp32 on CPU; fp16 and bf16 on CUDA) or some of float32, float16, bfloat16")
     common.add_timing_options(p, repeats=5, max_seconds=40.0, unit="method")
-    p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip configurations estimated to need more")
+    p.add_argument("--mem-budget-gb", type=float, default=4.0, help="skip configurations estimated to need more (GB)")
     common.add_output_options(p, "op")
     return p
 
@@ -255,11 +231,16 @@ def _main(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be positive, got {value}")
     if args.dim % args.heads:
         raise ValueError(f"--dim ({args.dim}) must be divisible by --heads ({args.heads})")
+    if math.isqrt(args.agents) ** 2 != args.agents:
+        raise ValueError(f"--agents must be a square number, got {args.agents}")
     common.set_threads(args.threads)
     device = common.resolve_device(args.device)
     info = common.machine_info(device)
+    biases = BIAS_CHOICES[args.bias]
+    passes = ("fwd", "fwdbwd") if args.backward else ("fwd",)
     print(f"bench op on {common.machine_line(info)}")
-    print(f"C={args.dim}, heads={args.heads}, agents={args.agents}, batch={args.batch}, bias grid {args.window}²")
+    print(f"C={args.dim}, heads={args.heads}, agents={args.agents}, batch={args.batch}, bias grid {args.window}², "
+          f"bias {args.bias}, passes {' '.join(passes)}")
     records: List[dict] = []
     sections = []
     for dtype in _dtypes(args.dtype, device):
@@ -268,32 +249,33 @@ def _main(args: argparse.Namespace) -> int:
         recs = run(args.sizes, batch=args.batch, dim=args.dim, heads=args.heads, agents=args.agents,
                    window=args.window, dtype=dtype, device=device, repeats=args.repeats,
                    mem_budget=args.mem_budget_gb * 2**30, methods=args.methods, max_s=args.max_seconds,
-                   stat=args.stat)
+                   stat=args.stat, biases=biases, passes=passes)
         records += recs
-        headers, rows = table(recs, args.methods)
-        ts, ms = slopes(recs, args.methods, "seconds"), slopes(recs, args.methods, "peak_bytes")
-        growth = "; ".join(
-            f"{m}: time ∝ N^{ts[m]:.2f}, memory ∝ N^{ms[m]:.2f}" for m in args.methods
-            if ts.get(m) is not None and ms.get(m) is not None)
-        diffs = [r["max_abs_diff_vs_straightforward"] for r in recs if "max_abs_diff_vs_straightforward" in r]
-        print(common.text_table(headers, rows))
-        print(f"growth over the largest sizes: {growth}")
-        if diffs:
-            print(f"max |agent - straightforward| = {max(diffs):.2e}")
-        sections.append(
-            f"### {name} on {device}\n\n" + common.markdown_table(headers, rows)
-            + f"\n\nGrowth over the largest sizes: {growth}." + (f" Max |agent − straightforward| = {max(diffs):.1e}." if diffs else "")
-        )
+        for ps in passes:
+            for b in biases:
+                sub = [r for r in recs if r["pass"] == ps and r["bias"] == b]
+                headers, rows = table(sub, args.methods)
+                title = f"{name} on {device}, {'forward' if ps == 'fwd' else 'forward + backward'}, " \
+                        f"{'with' if b else 'without'} agent biases"
+                diffs = [r["max_abs_diff_vs_math"] for r in sub if "max_abs_diff_vs_math" in r]
+                note = f"Max |agent − math| = {max(diffs):.1e}." if diffs else ""
+                print(f"{title}\n{common.text_table(headers, rows)}\n{note}")
+                sections.append(f"### {title}\n\n{common.markdown_table(headers, rows)}\n\n{note}".rstrip())
+        lines = goals(recs)
+        if lines:
+            print("goals (issue 14):\n" + "\n".join(lines))
+            sections.append(f"### Goals, {name} on {device}\n\n" + "\n".join(lines))
         if not args.no_plot:
-            png = plot(recs, args.methods, args.out / ("op.png" if len(sections) == 1 else f"op_{name}.png"),
-                       f"agent attention vs softmax attention — C={args.dim}, {args.heads} head(s), "
-                       f"{args.agents} agents, batch {args.batch}, {name}\n{common.machine_line(info, wrap=True)}")
+            png = plot(recs, args.methods, args.out / ("op.png" if dtype == _dtypes(args.dtype, device)[0] else f"op_{name}.png"),
+                       f"agent attention — C={args.dim}, {args.heads} head(s), {args.agents} agents, "
+                       f"batch {args.batch}, {name}\n{common.machine_line(info, wrap=True)}")
             print(f"wrote {png}")
     md = (
         f"Machine: {common.machine_line(info)}\n\nC={args.dim}, heads={args.heads}, agents={args.agents}, "
         f"batch={args.batch}, biases built for a {args.window}×{args.window} grid. Times: {args.stat} of up to "
-        f"{args.repeats} rounds; memory: peak extra bytes allocated by one call (output included). "
-        f"`time X/agent` (`mem X/agent`) = how many times longer (more memory) X takes than `agent_attention`.\n\n"
+        f"{args.repeats} interleaved rounds; memory: peak extra bytes allocated by one call (output and gradients "
+        f"included). `op/math` = agent time / math time (< 1: the op is faster), `sdpa/op` = its speed-up over "
+        f"softmax attention, `op/floor` = how far above a copy of the operand bytes it is.\n\n"
         + "\n\n".join(sections)
     )
     for path in common.write_outputs(args.out, "op", md, {"machine": info, "args": vars(args), "records": records}):
