@@ -72,20 +72,64 @@ def test_straightforward_baseline_equals_agent_attention():
 
 # ----------------------------------------------------------------------------- commands
 def test_bench_op_tiny_writes_table_and_plot(tmp_path, capsys):
-    rc = bench_main(["op", "--sizes", "8", "16", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+    rc = bench_main(["op", "--sizes", "8", "16", "--agents", "9", "--repeats", "1", "--threads", "1",
+                     "--max-seconds", "0.1", "--bias", "both", "--backward", "--out", str(tmp_path)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "16×16" in printed and "time sdpa/agent" in printed
+    for text in ("16×16", "op/math", "sdpa/op", "op/floor", "forward + backward, with agent biases",
+                 "forward, without agent biases", "never slower than math, fwdbwd"):
+        assert text in printed
     assert (tmp_path / "op.png").read_bytes()[:8] == PNG_MAGIC
     md = (tmp_path / "op.md").read_text()
-    assert "8×8" in md and "Machine:" in md
+    assert "8×8" in md and "Machine:" in md and "### Goals" in md
     records = json.loads((tmp_path / "op.json").read_text())["records"]
-    assert {(r["side"], r["method"]) for r in records} == {
-        (s, m) for s in (8, 16) for m in ("agent", "straightforward", "sdpa")}
-    assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in records)
-    # the output of each call is counted: at least B·h·N·d·4 bytes
-    assert all(r["peak_bytes"] >= 2 * r["tokens"] * 64 * 4 for r in records)
-    assert max(r.get("max_abs_diff_vs_straightforward", 0) for r in records) < 1e-5
+    methods = ("agent", "math", "straightforward", "sdpa", "floor")
+    assert {(r["side"], r["method"], r["bias"], r["pass"]) for r in records} == {
+        (s, m, b, p) for s in (8, 16) for m in methods for b in (True, False) for p in ("fwd", "fwdbwd")}
+    assert all(r["seconds"] > 0 and r["peak_bytes"] >= 0 for r in records)
+    # the output of each call is counted: at least B·h·N·d·4 bytes (the floor copies into a preallocated buffer)
+    assert all(r["peak_bytes"] >= r["tokens"] * 64 * 4 for r in records if r["method"] != "floor")
+    assert max(r.get("max_abs_diff_vs_math", 0) for r in records) < 1e-5
+
+
+def test_bench_op_functions_agree_and_floor_copies_operands():
+    from agent_attention.bench.op import functions
+
+    t = make_inputs(8, batch=2, dim=32, heads=2, agents=9, window=8, dtype=torch.float64, device=torch.device("cpu"))
+    for bias in (True, False):
+        fwd = functions(t, ("agent", "math", "straightforward", "floor"), bias, backward=False)
+        torch.testing.assert_close(fwd["agent"](), fwd["math"]())
+        torch.testing.assert_close(fwd["straightforward"](), fwd["math"]())
+        operands = [t[n] for n in ("q", "k", "v", "agents") + (("agent_bias", "query_bias") if bias else ())]
+        assert fwd["floor"]().numel() == sum(x.numel() for x in operands)
+        bwd = functions(t, ("agent", "math"), bias, backward=True)
+        for ga, gm in zip(bwd["agent"](), bwd["math"]()):
+            torch.testing.assert_close(ga, gm)
+
+
+def test_bench_op_goal_lines():
+    from agent_attention.bench.op_report import goals
+
+    def rec(method, seconds, side=128, bias=True, ps="fwd"):
+        return {"side": side, "tokens": side * side, "method": method, "bias": bias, "pass": ps, "agents": 49,
+                "seconds": seconds}
+
+    lines = goals([rec("agent", 2.0), rec("math", 1.0), rec("sdpa", 100.0), rec("floor", 1.0)])
+    assert "missed by 2.00×" in lines[0] and "sdpa/op 50×" in lines[1] and "missed by 2.00×" in lines[1]
+    assert "op/floor 2.00×" in lines[2] and lines[2].endswith("met")
+
+
+def test_every_bench_option_has_help_without_markup():
+    import argparse
+
+    from agent_attention.bench import amp_accuracy, models, op, sd
+
+    for mod in (op, models, sd, amp_accuracy):
+        parser = mod.build_parser()
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (mod.__name__, action.option_strings)
+        text = parser.format_help()
+        assert "`" not in text and ":func:" not in text, (mod.__name__, text)
 
 
 def test_bench_op_skips_over_budget(tmp_path, capsys):

@@ -35,10 +35,10 @@ def _config(stored: dict):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent_attention.bench.amp_accuracy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="a .pth written by `agent-attention train`")
-    p.add_argument("--amp", choices=list(AMP_DTYPES), default="bf16")
-    p.add_argument("--device", default="cpu")
+    p = argparse.ArgumentParser(prog="python -m agent_attention.bench.amp_accuracy", description=common.description(__doc__))
+    p.add_argument("--checkpoint", type=Path, required=True, help="a .pth written by agent-attention train")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default="bf16", help="low precision to compare with fp32 (default bf16)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     common.add_timing_options(p, repeats=7, max_seconds=20.0, unit="precision")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for amp_accuracy.md/.json")
     return p

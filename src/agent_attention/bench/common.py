@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -335,4 +336,13 @@ def add_timing_options(p: argparse.ArgumentParser, *, repeats: int, max_seconds:
 def add_output_options(p: argparse.ArgumentParser, name: str) -> None:
     """``--out`` (folder for ``<name>.md/.json/.png``) and ``--no-plot``."""
     p.add_argument("--out", type=Path, default=Path("bench-results"), help=f"folder for {name}.md, {name}.json, {name}.png")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
+
+
+def description(doc: Optional[str]) -> str:
+    """The first paragraph of a module docstring as plain text for ``--help`` (argparse prints
+    RST markup raw): ````x```` → x, ``:func:`x``` → x, a leading ``"prog: "`` removed."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = text.replace("``", "").replace("`", "")
+    return text.split(": ", 1)[1] if text.startswith("agent-attention ") and ": " in text else text

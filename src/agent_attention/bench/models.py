@@ -226,11 +226,11 @@ def plan(args) -> List[tuple]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-attention bench models", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="agent-attention bench models", description=common.description(__doc__))
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="agent model names (default: the four T)")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="input sizes (default 224 384; also 512 768)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
-                   help="default: agent official softmax")
+                   help="what to time: agent (as shipped), official (official-style computation), math (agent_attention_math), softmax (timm softmax model); default: agent official softmax")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="infer and/or train (default both)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes at the first size (default 1)")
     p.add_argument("--sweep-batch", type=int, default=1, help="batch at the other sizes (default 1)")

@@ -199,7 +199,7 @@ def _dtypes(names: Sequence[str], device: torch.device) -> List[torch.dtype]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-attention bench op", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="agent-attention bench op", description=common.description(__doc__))
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
                    help="grid sides H=W, tokens N = side² (default 28 56 96 128 192)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")

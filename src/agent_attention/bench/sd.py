@@ -211,10 +211,12 @@ def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-attention bench sd", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="agent-attention bench sd", description=common.description(__doc__))
     p.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes (latent = size/8); e.g. 512 1024")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    p.add_argument("--methods", nargs="+", choices=("tomesd", "todo", "agentsd", "agentsd-late"), default=["tomesd", "agentsd"])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                   help="token merging ratios (default 0.1 0.2 0.3 0.4 0.5)")
+    p.add_argument("--methods", nargs="+", choices=("tomesd", "todo", "agentsd", "agentsd-late"), default=["tomesd", "agentsd"],
+                   help="methods beside the stock UNet (default: tomesd agentsd)")
     p.add_argument("--schedule", action="store_true", help="also time the second phase and report the schedule mean")
     p.add_argument("--batch", type=int, default=1, help="UNet batch (2 = one CFG step of one image)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (median); the memory pass is the warm-up")
