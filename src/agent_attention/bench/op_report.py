@@ -96,14 +96,15 @@ def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) ->
                              if r["method"] == m and r["bias"] == b and r["pass"] == ps and r.get("seconds"))
                 if pts:
                     color, marker = STYLES[m]
-                    ax.plot(*zip(*pts), ls, marker=marker, color=color,
-                            label=LABELS[m] + ("" if ps == "fwd" else ", fwd+bwd"))
+                    ax.plot(*zip(*pts), ls, marker=marker, color=color, label=LABELS[m] if ps == "fwd" else None)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens N = H·W")
         ax.set_ylabel("time per call (ms)")
         ax.set_title("with agent biases" if b else "without agent biases", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.plot([], [], "-", color="black", label="forward")
+        ax.plot([], [], "--", color="black", label="forward + backward")
+        ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=9)
     return common.save_figure(fig, path)
