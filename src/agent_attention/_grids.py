@@ -155,7 +155,7 @@ def query_bias_2d(na_bias: Tensor, ha_bias: Tensor, wa_bias: Tensor, query_hw: H
     coarse = _resize_2d(na_bias, (Hq, Wq)).reshape(h, A, Hq * Wq).transpose(1, 2)
     rows = resize_1d(ha_bias[0], Hq, dim=1)
     cols = resize_1d(wa_bias[0], Wq, dim=2)
-    bias = coarse + (rows + cols).reshape(h, Hq * Wq, A)
+    bias = (rows + cols).reshape(h, Hq * Wq, A) + coarse  # contiguous result (coarse is a transposed view)
     p = math.isqrt(A)
     return resize_agents(bias, 2, (p, p), agent_grid)
 

@@ -214,17 +214,18 @@ def _choose_paths(q: Tensor, mask1: Optional[Tensor], mask2: Optional[Tensor]) -
 
     One side of each is the ``n`` agents, so the ``n × M`` and ``N × n`` logits are small. Measured
     on CPU (``bench op`` and the profile in docs/benchmarks.md): at inference SDPA's fused kernel is
-    fastest with or without a bias; when autograd records a step that has an additive bias, the
-    CPU kernels fall back to SDPA's math backend (which expands the bias per sample), and one
-    matmul, an in-place bias add, a softmax and a second matmul win, the bias gradient being
-    summed over the batch by autograd. On accelerators SDPA always (its kernels take the bias).
+    fastest with or without a bias; when autograd records a step, one matmul, an in-place bias add,
+    a softmax and a second matmul win (with a bias, SDPA's CPU kernels fall back to its math
+    backend, which expands the bias per sample; without one, its flash backward is 1.1-1.5x slower
+    than the matmuls at 28²-192² tokens, ``bench op --backward``), the bias gradient being summed
+    over the batch by autograd. On accelerators SDPA always (its kernels take the bias).
     """
     forced = getattr(_state, "path", "auto")
     if forced != "auto":
         return forced, forced
     if q.device.type != "cpu" or not torch.is_grad_enabled():
         return "sdpa", "sdpa"
-    return ("gemm" if mask1 is not None else "sdpa"), ("gemm" if mask2 is not None else "sdpa")
+    return "gemm", "gemm"  # CPU backward: SDPA's flash backward loses to matmuls at n agents, bias or not
 
 
 def _softmax_(x: Tensor) -> Tensor:
