@@ -30,10 +30,11 @@ class MissingExtraError(ModuleNotFoundError):
 def require(module: str, purpose: str, extra: str = "") -> ModuleType:
     """``import module`` (e.g. ``"sklearn.datasets"``), or raise :class:`MissingExtraError`:
     ``"<purpose> needs scikit-learn: pip install 'agent-attention[train]'"``."""
+    top = module.split(".", 1)[0]
     try:
+        importlib.import_module(top)  # first: a submodule already imported does not prove the package is there
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        top = module.split(".", 1)[0]
         if e.name is not None and e.name.split(".", 1)[0] != top:
             raise  # the package is there but one of its own dependencies is missing: show that
         dist, default_extra = EXTRAS.get(top, (top, ""))

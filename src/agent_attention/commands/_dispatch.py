@@ -21,6 +21,8 @@ import os
 import re
 import sys
 from importlib import import_module
+
+from .._extras import MissingExtraError
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 __all__ = ["UsageError", "usage_errors", "command", "run", "dispatch", "one_line", "set_debug", "debug_enabled"]
@@ -131,7 +133,7 @@ def one_line(exc: BaseException) -> str:
             target = f"{target} -> {exc.filename2}"
         return _flatten(f"{exc.strerror or exc} ({name}){': ' + str(target) if target != '' else ''}")
     text = _flatten(str(exc)) if str(exc) else ""
-    if isinstance(exc, (ValueError, TypeError, RuntimeError, OSError, UsageError)) and text:
+    if isinstance(exc, (ValueError, TypeError, RuntimeError, OSError, UsageError, MissingExtraError)) and text:
         return text
     if isinstance(exc, KeyError):
         return f"missing key {text}"
@@ -161,7 +163,8 @@ def run(prog: str, func: Callable[[], Optional[int]]) -> int:
         if type(e).__module__.split(".")[0] == "yaml":  # a recipe file or a flag's value
             print(f"{prog}: error: malformed YAML: {one_line(e)}", file=sys.stderr)
             return 2
-        hint = "" if isinstance(e, (OSError, ValueError, TypeError, RuntimeError)) else " (run with --debug for the traceback)"
+        known = (OSError, ValueError, TypeError, RuntimeError, MissingExtraError)
+        hint = "" if isinstance(e, known) else " (run with --debug for the traceback)"
         print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
         return 1
 

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-attention export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="agent-attention export", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--model", required=True, help="zoo model name (see `agent-attention models`)")
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="ONNX file or torch.export program")
     p.add_argument("--output", default=None, help="output file (default: <model>.<format>)")
