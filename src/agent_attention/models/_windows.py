@@ -115,7 +115,7 @@ class WindowAttention(nn.Module):
         """Relative position bias ``(h, N, N)`` for a ``window`` no larger than the table's."""
         idx = self.relative_position_index
         if tuple(window) != (self.window_size, self.window_size):
-            if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
                 # no caching: inference tensors cannot be used by autograd later; sizes may be symbolic
                 idx = relative_position_index(window, self.window_size).to(idx.device)
             else:

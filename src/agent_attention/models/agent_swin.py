@@ -92,7 +92,7 @@ class AgentSwinBlock(nn.Module):
     def _mask(self, hw: HW, win: HW, shift: HW, padded: HW, ref: Tensor) -> Optional[Tensor]:
         if self.attn_mask is not None and tuple(hw) == self.input_resolution:
             return self.attn_mask  # the registered buffer: exact official values
-        if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():  # no caching (see position_bias)
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # no caching (see position_bias)
             m = shifted_window_mask(hw, padded, win, shift, device=ref.device)
             return None if m is None else m.to(ref.dtype)
         key = (tuple(hw), ref.device, ref.dtype)
