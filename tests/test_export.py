@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from agent_attention.models import create_model
-from agent_attention.models.export import export_onnx, export_program, size_multiple
+from agent_attention.models.export import export_onnx, export_program, min_size, size_multiple
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -15,9 +15,9 @@ TINY = {
                            mlp_ratios=[2, 2, 2, 2], agent_num=[4, 9, 4, 4], num_classes=7),
     "agent_cswin_tiny": dict(img_size=64, embed_dim=16, depth=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
                              agent_num=[4, 9, 4, 4], split_size=(1, 2, 7, 7), num_classes=7),
-    # agent blocks only: the window ('B') blocks do not export with a dynamic size yet (docs/models_export.md)
-    "agent_swin_tiny": dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
-                            agent_num=[4, 9, 4, 4], attn_type="AAAA", num_classes=7),
+    # agent blocks in stages 1-2, window blocks (shifted, padded at 160 px) in stages 3-4; window 2 keeps it tiny
+    "agent_swin_tiny": dict(img_size=64, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=2,
+                            agent_num=[4, 9, 4, 4], attn_type="AABB", num_classes=7),
 }
 SIZES = [(1, 128, 64), (3, 96, 160)]  # batch, H, W: neither is the example's (2, 64, 96)
 
@@ -37,7 +37,7 @@ def test_torch_export_dynamic_batch_and_size(name):
             torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["agent_pvt_tiny", "agent_deit_tiny"])
+@pytest.mark.parametrize("name", list(TINY))
 def test_onnx_dynamo_matches_eager(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -56,6 +56,17 @@ def test_size_multiple_and_errors():
     assert size_multiple(_model("agent_deit_tiny")) == 16 and size_multiple(_model("agent_pvt_tiny")) == 32
     with pytest.raises(ValueError, match="image batch"):
         export_program(_model("agent_pvt_tiny"), torch.randn(3, 64, 64))
+
+
+def test_swin_window_blocks_have_a_minimum_dynamic_size():
+    # the released layout: window 7, shifted odd blocks; the last stage (7x7 at 224) covers its map
+    model = create_model("agent_swin_t", img_size=224, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4),
+                         agent_num=[4, 9, 4, 4], attn_type="AABB", num_classes=7).eval()
+    assert min_size(model) == 224  # stage 4 needs its full 7x7 window (7*32 px); stage 3 (shifted) 8*16 px
+    assert min_size(_model("agent_swin_tiny")) == 64 and min_size(_model("agent_pvt_tiny")) == 32
+    with pytest.raises(ValueError, match="at least 224x224"):
+        export_program(model, (2, 3, 192, 224))
+    export_program(model, (2, 3, 192, 224), dynamic=False)  # a fixed size exports below the minimum
 
 
 def test_export_command_pt2_verifies(tmp_path, capsys):

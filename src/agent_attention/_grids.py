@@ -18,6 +18,12 @@ from torch import Tensor
 HW = Tuple[int, int]
 
 
+def round_up(n, m):
+    """``n`` rounded up to a multiple of ``m`` (positive sizes; int or symbolic). Written without a
+    negative floor division (``-(-n // m)``), which exported graphs (ONNX) may round toward zero."""
+    return (n + m - 1) // m * m
+
+
 def fx_tracing() -> bool:
     """Whether FX symbolic tracing (``torch.fx.symbolic_trace``, timm/torchvision feature extraction)
     is running: sizes are then graph values, not ints."""

@@ -30,7 +30,7 @@ from timm.layers import LayerNorm2d
 from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
-from .._grids import HW
+from .._grids import HW, round_up
 from ..layers import AgentAttention
 from ..models.registry import FAMILIES, check_model_name, family_of
 
@@ -181,7 +181,7 @@ class AgentBackbone(nn.Module):
     def pad(self, x: Tensor) -> Tensor:
         """Zero-pad right/bottom to a multiple of :attr:`size_divisor`."""
         d = self.size_divisor
-        ph, pw = (-x.shape[-2]) % d, (-x.shape[-1]) % d
+        ph, pw = round_up(x.shape[-2], d) - x.shape[-2], round_up(x.shape[-1], d) - x.shape[-1]
         return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
 
     def forward(self, x: Tensor) -> List[Tensor]:

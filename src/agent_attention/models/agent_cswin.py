@@ -20,7 +20,7 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from torch import Tensor, nn
 
-from .._grids import HW
+from .._grids import HW, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
 from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
@@ -52,7 +52,7 @@ class _Stripes:
         self.hw = hw
         self.window = _stripe_window(idx, split, hw)
         wh, ww = self.window
-        self.padded = (-(-hw[0] // wh) * wh, -(-hw[1] // ww) * ww)
+        self.padded = (round_up(hw[0], wh), round_up(hw[1], ww))
         self.pad = window_padding_mask(hw, self.padded, self.window, device=device)  # (nW, N) bool or None
 
     def split(self, t: Tensor) -> Tensor:

@@ -21,14 +21,14 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_function, register_notrace_module
 from torch import Tensor, nn
 
-from .._grids import HW
+from .._grids import HW, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
 from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
 from ._resize import resize_agent_bias, resize_rel_pos_table
 from ._safe_load import unwrap_state_dict
-from ._windows import (WindowAttention, pad_hw, relative_position_index, shifted_window_mask, window_padding_mask,
-                       window_partition, window_reverse)
+from ._windows import (WindowAttention, known_true, pad_to, relative_position_index, same_size, shifted_window_mask,
+                       window_padding_mask, window_partition, window_reverse)
 from .pretrained import official_url
 from .registry import build, default_cfg, register_family
 
@@ -67,7 +67,7 @@ class AgentSwinBlock(nn.Module):
         mask = None
         if shift_size > 0:
             H, W = self.input_resolution
-            padded = (-(-H // window_size) * window_size, -(-W // window_size) * window_size)
+            padded = (round_up(H, window_size), round_up(W, window_size))
             mask = shifted_window_mask((H, W), padded, (window_size,) * 2, (shift_size,) * 2)
         self.register_buffer("attn_mask", mask)  # persistent, as in the official checkpoints
         self._mask_cache: Dict[tuple, Optional[Tensor]] = {}
@@ -82,15 +82,25 @@ class AgentSwinBlock(nn.Module):
         return True
 
     def _geometry(self, hw: HW) -> Tuple[HW, HW, HW]:
-        """(window, shift, padded size) for an actual map ``hw``."""
+        """(window, shift, padded size) for an actual map ``hw``.
+
+        The window and shift are the same for every map side ``>= min_export_side()``: exported
+        with a dynamic size in that range they are constants of the graph (no size guard)."""
         H, W = hw
-        win = (min(self.window_size, H), min(self.window_size, W))
-        shift = (self.shift_size if H > win[0] else 0, self.shift_size if W > win[1] else 0)
-        padded = (-(-H // win[0]) * win[0], -(-W // win[1]) * win[1])
+        ws, s = self.window_size, self.shift_size
+        # decided on provable bounds first: under a dynamic export the window and shift stay ints
+        win = tuple(ws if known_true(n >= ws) else min(ws, n) for n in hw)
+        shift = tuple(s if s and (known_true(n > ws) or (n > w)) else 0 for n, w in zip(hw, win))
+        padded = (round_up(H, win[0]), round_up(W, win[1]))
         return win, shift, padded
 
+    def min_export_side(self) -> int:
+        """Smallest map side with the block's full window (and its shift): the lower bound of a
+        dynamic-size export (1 for a global agent block)."""
+        return 1 if self.global_attn else self.window_size + (1 if self.shift_size else 0)
+
     def _mask(self, hw: HW, win: HW, shift: HW, padded: HW, ref: Tensor) -> Optional[Tensor]:
-        if self.attn_mask is not None and tuple(hw) == self.input_resolution:
+        if self.attn_mask is not None and same_size(hw, self.input_resolution):
             return self.attn_mask  # the registered buffer: exact official values
         if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # no caching (see position_bias)
             m = shifted_window_mask(hw, padded, win, shift, device=ref.device)
@@ -106,7 +116,7 @@ class AgentSwinBlock(nn.Module):
     def _windowed(self, x: Tensor, hw: HW) -> Tensor:
         B, H, W, C = x.shape
         win, shift, padded = self._geometry(hw)
-        x = pad_hw(x, win)
+        x = pad_to(x, padded)  # `padded` itself: one size expression for x and the masks
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         windows = window_partition(x, win)
@@ -115,11 +125,14 @@ class AgentSwinBlock(nn.Module):
             pad = None if pad is None else pad.repeat(B, 1)
             out = self.attn(windows, win, key_padding_mask=pad)
         else:
-            out = self.attn(windows, win, self._mask(hw, win, shift, padded, x))
+            out = self.attn(windows, win, self._mask(hw, win, shift, padded, x), images=B)
         x = window_reverse(out, win, padded)
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
-        return x[:, :H, :W]
+        if same_size(padded, (H, W)):
+            return x
+        # an explicit copy: reshaping the strided slice would branch on B == 1 (a guard under export)
+        return x[:, :H, :W].clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
         H, W = hw
@@ -139,7 +152,7 @@ class AgentSwinBlock(nn.Module):
 @register_notrace_function  # FX: a leaf (the padding depends on the input size)
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad an image batch at the bottom/right to a multiple of ``multiple``."""
-    ph, pw = (-x.shape[2]) % multiple, (-x.shape[3]) % multiple
+    ph, pw = round_up(x.shape[2], multiple) - x.shape[2], round_up(x.shape[3], multiple) - x.shape[3]
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
@@ -181,9 +194,11 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
         B, L, C = x.shape
-        x = pad_hw(x.view(B, hw[0], hw[1], C), (2, 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.reduction(self.norm(x.reshape(B, -1, 4 * C)))
+        (H, W), (oh, ow) = hw, merged_hw(hw)
+        x = pad_to(x.view(B, H, W, C), (2 * oh, 2 * ow))  # odd sides: padded to the merged grid's own size
+        # 2x2 neighbours in the official order [(0,0), (1,0), (0,1), (1,1)] (row, col offsets): one reshape
+        x = x.view(B, oh, 2, ow, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, oh * ow, 4 * C)
+        return self.reduction(self.norm(x))
 
 
 class AgentSwinStage(nn.Module):
@@ -250,7 +265,7 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
         agent_nums = parse_int_list(agent_num, n, "agent_num")
         plan = parse_attn_type(attn_type, depths)
         H, W = to_2tuple_hw(img_size, "img_size")
-        grid = (-(-H // patch_size), -(-W // patch_size))
+        grid = (round_up(H, patch_size) // patch_size, round_up(W, patch_size) // patch_size)
         window_size = window_size or max(grid)
         self.num_classes, self.global_pool, self.num_layers = num_classes, check_pool(global_pool), n
         self.embed_dim, self.patch_size, self.in_chans, self.ape = embed_dim, patch_size, in_chans, ape
@@ -306,6 +321,14 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
         self.grad_checkpointing = enable
         for layer in self.layers:
             layer.grad_checkpointing = enable
+
+    export_size_oblivious = True  # see models.export: window counts per stage may be 1 or more
+
+    def export_min_size(self) -> int:
+        """Smallest input side (pixels) of a dynamic-size export: every window block of every stage
+        has its full window (and shift) from there up; smaller inputs take another graph (static)."""
+        return max(max(blk.min_export_side() for blk in layer.blocks) * self.patch_size * 2 ** i
+                   for i, layer in enumerate(self.layers))
 
     @torch.jit.ignore
     def set_downstream_windows(self) -> int:

@@ -16,13 +16,14 @@ of the exported graph.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["size_multiple", "example_input", "dynamic_shapes", "export_program", "save_program", "export_onnx"]
+__all__ = ["size_multiple", "min_size", "example_input", "dynamic_shapes", "export_program", "save_program", "export_onnx"]
 
 Size = Union[int, Sequence[int]]
 
@@ -48,15 +49,35 @@ def example_input(model: nn.Module, size: Optional[Size] = None, batch: int = 2)
                        dtype=p.dtype if p is not None else None, device=p.device if p is not None else None)
 
 
+def min_size(model: nn.Module) -> int:
+    """Smallest height / width (pixels) of the dynamic-size graph: one :func:`size_multiple` step,
+    or the model's own ``export_min_size()`` (Swin window blocks: their full window and shift at
+    every stage, 224 for the released Swin models), rounded up to the step."""
+    m = size_multiple(model)
+    own = getattr(model, "export_min_size", None)
+    low = int(own()) if callable(own) else m
+    return max(m, -(-low // m) * m)
+
+
 def dynamic_shapes(model: nn.Module, max_size: int = 4096, max_batch: int = 1024) -> Dict[str, Dict[int, object]]:
     """``dynamic_shapes`` for ``torch.export`` / ``torch.onnx.export``: batch ``B`` and ``H = m·h``,
-    ``W = m·w`` (``m`` = :func:`size_multiple`), from one step up to ``max_size`` pixels."""
+    ``W = m·w`` (``m`` = :func:`size_multiple`), from :func:`min_size` up to ``max_size`` pixels."""
     from torch.export import Dim
 
     m = size_multiple(model)
-    top = max(1, max_size // m)
-    return {"x": {0: Dim("batch", min=1, max=max_batch), 2: m * Dim("h", min=1, max=top),
-                  3: m * Dim("w", min=1, max=top)}}
+    low = min_size(model) // m
+    top = max(low, max_size // m)
+    return {"x": {0: Dim("batch", min=1, max=max_batch), 2: m * Dim("h", min=low, max=top),
+                  3: m * Dim("w", min=low, max=top)}}
+
+
+def _check_dynamic_example(model: nn.Module, args: Tuple[torch.Tensor]) -> None:
+    low = min_size(model)
+    h, w = args[0].shape[-2:]
+    if min(h, w) < low:
+        raise ValueError(f"a dynamic-size export of this model needs an example of at least {low}x{low} pixels "
+                         f"(got {h}x{w}): smaller maps take a different window geometry; export a larger "
+                         f"example or a fixed size (dynamic=False / --static)")
 
 
 def _args(model: nn.Module, example) -> Tuple[torch.Tensor]:
@@ -69,14 +90,31 @@ def _args(model: nn.Module, example) -> Tuple[torch.Tensor]:
     return (example,)
 
 
+def _dynamic_context(model: nn.Module, dynamic: bool):
+    """For models that ask for it (``export_size_oblivious = True``: Swin, whose window counts per
+    stage are 1 at some sizes and more at others), trace treating every dynamic size as possibly 1
+    without specialising on it (``backed_size_oblivious``); a plain trace would guard the example's
+    window counts. Other models trace as usual (the oblivious mode would add a batch > 1 guard to
+    their convolutions)."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:  # pragma: no cover - older torch
+        fx_config = None
+    if not (dynamic and getattr(model, "export_size_oblivious", False)) or not hasattr(fx_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return fx_config.patch(backed_size_oblivious=True)
+
+
 def export_program(model: nn.Module, example=None, *, dynamic: bool = True, strict: bool = False):
     """``torch.export.export`` of ``model`` (put in eval mode) with dynamic batch and H×W
     (``dynamic=False``: the example's shape only). ``example``: a tensor, ``(B, C, H, W)``, a size
     or ``None`` (the cfg's input size)."""
     model = model.eval()
     args = _args(model, example)
+    if dynamic:
+        _check_dynamic_example(model, args)
     shapes = dynamic_shapes(model) if dynamic else None
-    with torch.no_grad():
+    with torch.no_grad(), _dynamic_context(model, dynamic):
         return torch.export.export(model, args, dynamic_shapes=shapes, strict=strict)
 
 
@@ -98,9 +136,11 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example=None, *
     batch and H×W (input ``x``, output ``logits``), saved atomically to ``path``."""
     model = model.eval()
     args = _args(model, example)
+    if dynamic:
+        _check_dynamic_example(model, args)
     shapes = dynamic_shapes(model) if dynamic else None
     extra = {} if opset is None else {"opset_version": opset}
-    with torch.no_grad():
+    with torch.no_grad(), _dynamic_context(model, dynamic):
         program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=shapes, input_names=["x"],
                                     output_names=["logits"], **extra)
     from .._atomic import atomic_path
