@@ -228,3 +228,51 @@ def test_compile_every_model_inductor(name):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_models_goal_lines_state_met_or_missed_by_a_factor():
+    from agent_attention.bench.models_report import goals
+
+    def rec(model, batch, variant, ips, mem, mode="infer"):
+        return dict(model=model, size=224, batch=batch, mode=mode, variant=variant, amp="none",
+                    images_per_s=ips, peak_bytes=mem)
+
+    recs = [rec("a", 1, "agent", 12.0, 100), rec("a", 1, "official", 10.0, 90),
+            rec("b", 1, "agent", 23.0, 100), rec("b", 1, "official", 10.0, 100)]
+    lines = goals(recs)
+    assert len(lines) == 1 and "met (range 1.20-2.30×, worst a batch 1)" in lines[0]
+    train = [dict(r, mode="train") for r in recs]
+    lines = goals(train)
+    assert "met (range" in lines[0] and "missed: ours needs 1.111× the baseline's" in lines[1]
+    slow = [rec("a", 8, "agent", 10.0, 1), rec("a", 8, "official", 10.0, 1)]
+    assert "missed by 1.15×" in goals(slow)[0] and goals(slow, size=384) == []
+
+
+def test_sd_combine_rows_and_goals(tmp_path):
+    import json
+
+    from agent_attention.bench import sd_combine
+
+    def run(size, dtype, batch, base, **sec):
+        recs = [dict(size=size, method="baseline", ratio=0.0, seconds=base)]
+        recs += [dict(size=size, method=m, ratio=0.4, seconds=s) for m, s in sec.items()]
+        return dict(machine={}, args=dict(dtype=dtype, batch=batch, repeats=2), records=recs)
+
+    runs = [run(512, "fp32", 1, 13.0, tomesd=12.0, todo=11.0, agentsd=10.0, **{"agentsd-late": 12.5}),
+            run(1024, "fp32", 1, 36.0, tomesd=25.0, todo=21.0, agentsd=20.0, **{"agentsd-late": 24.0})]
+    table = sd_combine.rows(runs)
+    assert [r["size"] for r in table] == [512, 1024]
+    assert abs(table[0]["speedup"]["schedule"] - 13.0 / (0.4 * 10.0 + 0.6 * 12.5)) < 1e-12
+    lines = sd_combine.goals(table)
+    assert any("512² fp32, AgentSD 1st phase ≥ 1.3× the baseline: met (batch 1: 1.30×)" in x for x in lines)
+    assert any("512² fp32, AgentSD schedule ≥ 1.2× the baseline: missed by 1.06×" in x for x in lines)
+    assert any("1024² fp32, AgentSD 1st phase ≥ 1.8× the baseline: met" in x for x in lines)
+    assert any("faster than ToDo" in x and "met (range 1.05-1.10×)" in x for x in lines)
+    dirs = []
+    for i, r in enumerate(runs):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "sd.json").write_text(json.dumps(r))
+        dirs.append(str(d))
+    assert sd_combine.main(dirs + ["--out", str(tmp_path / "out"), "--no-plot"]) == 0
+    assert "### Goals (issue 11)" in (tmp_path / "out" / "sd.md").read_text()

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..functional import fused
 from . import common
-from .models_report import label, plot, profile_table, tables
+from .models_report import goals, label, plot, profile_table, tables
 
 #: agent model -> (timm softmax counterpart or None, note)
 COUNTERPARTS = {
@@ -286,6 +286,11 @@ def report(records: List[dict], args, info: dict, final: bool) -> list:
         if final:
             print(f"\n{title}\n" + common.text_table(headers, rows))
         md_parts.append(f"### {title}\n\n" + common.markdown_table(headers, rows))
+    goal_lines = goals(records, size=args.sizes[0])
+    if goal_lines:
+        if final:
+            print("\nGoals (issue 14, item 2)\n" + "\n".join(goal_lines))
+        md_parts.append("### Goals (issue 14, item 2)\n\n" + "\n".join(goal_lines))
     paths = []
     if final and not args.no_plot:
         paths.append(plot(records, args.out / "models.png",

@@ -6,10 +6,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from . import common
 
-__all__ = ["label", "plot", "profile_table", "tables"]
+__all__ = ["GOAL_SPEEDUP", "goals", "label", "plot", "profile_table", "tables"]
 
 VARIANT_ORDER = ("agent", "official", "math", "softmax", "compiled")
 MODE_TITLES = {"infer": "Inference", "train": "Training step (forward + backward + AdamW)"}
+GOAL_SPEEDUP = 1.15  # issue 14: every T model >= 1.15x the official-style baseline at 224, batch 1 and 8
 
 
 def label(variant: str, amp: str) -> str:
@@ -63,6 +64,36 @@ def tables(records: List[dict]) -> List[Tuple[str, List[str], List[List[str]]]]:
             prec = "fp32" if amp == "none" else f"{amp} autocast"
             out.append((f"{MODE_TITLES[mode]}, {prec}", headers, rows))
     return out
+
+
+def goals(records: List[dict], size: int = 224) -> List[str]:
+    """The issue-14 model goals at ``size``, met or missed by a factor: per mode and precision, every
+    model's ``agent/official`` speed-up ≥ :data:`GOAL_SPEEDUP` at every measured batch, and (training)
+    peak memory no higher than the official-style baseline's."""
+    ok = [r for r in records if "mode" in r and r.get("size") == size and r.get("images_per_s")]
+    lines = []
+    for mode in [m for m in MODE_TITLES if any(r["mode"] == m for r in ok)]:
+        for amp in dict.fromkeys(r["amp"] for r in ok if r["mode"] == mode):
+            by = {(r["model"], r["batch"], r["variant"]): r for r in ok if r["mode"] == mode and r["amp"] == amp}
+            pairs = [(k[0], k[1], by[k], by.get((k[0], k[1], "official"))) for k in by if k[2] == "agent"]
+            pairs = [p for p in pairs if p[3] is not None]
+            if not pairs:
+                continue
+            prec = "fp32" if amp == "none" else amp
+            speed = [(a["images_per_s"] / o["images_per_s"], m, b) for m, b, a, o in pairs]
+            x, m, b = min(speed)
+            verdict = "met" if x >= GOAL_SPEEDUP else f"missed by {GOAL_SPEEDUP / x:.2f}×"
+            lines.append(f"* {mode} {prec} {size}², agent/official ≥ {GOAL_SPEEDUP}× for every model and batch: "
+                         f"{verdict} (range {min(speed)[0]:.2f}-{max(speed)[0]:.2f}×, worst {m} batch {b})")
+            if mode == "train":
+                mem = [(o["peak_bytes"] / a["peak_bytes"], m, b) for m, b, a, o in pairs
+                       if a.get("peak_bytes") and o.get("peak_bytes")]
+                if mem:
+                    x, m, b = min(mem)
+                    verdict = "met" if x >= 1.0 else f"missed: ours needs {1 / x:.3f}× the baseline's"
+                    lines.append(f"* train {prec} {size}², peak memory ≤ the baseline's: {verdict} "
+                                 f"(official/agent {min(mem)[0]:.3f}-{max(mem)[0]:.3f}×, worst {m} batch {b})")
+    return lines
 
 
 def plot(records: List[dict], path: Path, title: str) -> Path:
