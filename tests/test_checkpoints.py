@@ -16,8 +16,8 @@ from torch import nn
 from reference_utils import manifest
 
 from agent_attention.commands.convert import main as convert_main
-from agent_attention.models import checkpoints as ck
-from agent_attention.models.checkpoints import (
+from agent_attention.weights import checkpoints as ck
+from agent_attention.weights import (
     IncompatibleCheckpointError,
     UnsafeCheckpointError,
     export_safetensors,

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import torch
 
-from agent_attention.models.checkpoints import load_checkpoint
+from agent_attention.weights import load_checkpoint
 
 
 def _saved(obj, **kw) -> bytes:
@@ -80,7 +80,7 @@ def test_expanded_tensor_is_refused_before_allocation(tmp_path):
 
 
 def test_expanded_views_are_limited_in_total():
-    from agent_attention.models._pickle_scan import MAX_EXPANDED_BYTES
+    from agent_attention.weights.pickle_scan import MAX_EXPANDED_BYTES
 
     small = torch.full((), 0.5).expand(1000, 1000)  # 4 MB once copied: a harmless stride-0 view
     assert torch.equal(load_checkpoint(_saved({"w": small}))["w"], small)

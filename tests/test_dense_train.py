@@ -156,7 +156,7 @@ def test_training_is_reproducible_whatever_the_python_rng(tmp_path):
     import random
 
     from agent_attention.commands.train_seg import main as train_seg_main
-    from agent_attention.models.checkpoints import load_checkpoint
+    from agent_attention.weights import load_checkpoint
 
     states = []
     for run, py_seed in enumerate((1, 2)):

@@ -163,7 +163,7 @@ def test_registry_names_and_aliases():
     for bad in ("agent_deit_huge", "agent_pvt_xl"):
         with pytest.raises(RuntimeError, match="Unknown model"):
             timm.create_model(bad)
-    from agent_attention.models.pretrained import official_url  # pretrained=True: tests/test_pretrained.py
+    from agent_attention.weights import official_url  # pretrained=True: tests/test_pretrained.py
 
     assert official_url("agent_pvt_t") == official_url("agent_pvt_tiny") != ""
 

@@ -17,10 +17,12 @@ from pretrained_support import (
 from reference_utils import MANIFESTS, manifest
 
 import agent_attention.models  # noqa: F401  (registers the models)
-from agent_attention.models import pretrained as P
+from agent_attention.weights import pretrained as P
 from agent_attention.models.registry import ALIASES, PAPER_TOP1
 
 NAMES = sorted(PAPER_TOP1)
+#: official name -> file id of its released weights, from the URLs of the registered cfgs
+RELEASE_IDS = {n: P.release_id(timm.models.get_pretrained_cfg(n).url) for n in NAMES}
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def server(monkeypatch):
 
 
 def route(name: str) -> str:
-    return f"/f/{P.RELEASE_IDS[name]}/?dl=1"
+    return f"/f/{RELEASE_IDS[name]}/?dl=1"
 
 
 def leftovers(cache):
@@ -50,17 +52,17 @@ def leftovers(cache):
 # ------------------------------------------------------------------------------ the URL table
 def test_url_table_covers_every_released_model_and_alias(monkeypatch):
     monkeypatch.delenv(P.ENV_URL, raising=False)
-    assert set(P.RELEASE_IDS) == {p.stem for p in MANIFESTS.glob("*.json")} == set(NAMES)
+    assert {p.stem for p in MANIFESTS.glob("*.json")} == set(NAMES) and all(RELEASE_IDS.values())
     urls = {n: P.official_url(n) for n in NAMES}
     assert len(set(urls.values())) == 18
     for name, url in urls.items():
         assert re.fullmatch(r"https://cloud\.tsinghua\.edu\.cn/f/[0-9a-f]{20}/\?dl=1", url), url
         assert P.official_url(name + ".in1k") == url
         cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg is not None and cfg.url in (None, "", url)  # the cfgs carry the same URL, once they carry one
+        assert cfg is not None and cfg.url == url  # the family file's cfg carries the URL
     for alias, name in ALIASES.items():
         assert P.official_url(alias) == urls[name]
-    assert P.official_url("resnet50") == ""
+    assert P.official_url("agent_foo") == "" and P.release_id("https://host/w.pth") == ""
     with pytest.raises(TypeError, match="model name must be a string"):
         P.official_url(3)
 
@@ -89,7 +91,7 @@ def test_pretrained_end_to_end_matches_direct_load(name, alias, cache, server, t
                                                ema_state=ema, name=name)
     model = timm.create_model(alias, pretrained=True).eval()
     assert server.requests == [route(name)]
-    cached = cache / f"{name}-{P.RELEASE_IDS[name][:8]}.safetensors"
+    cached = cache / f"{name}-{RELEASE_IDS[name][:8]}.safetensors"
     assert model.pretrained_cfg["file"] == str(cached) and leftovers(cache) == [cached.name]  # the .pth is gone
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -129,7 +131,7 @@ def test_every_release_downloads_verifies_and_caches(name, cache, server, tmp_pa
     alias = next(a for a, n in ALIASES.items() if n == name)
     kwargs = P.prepare_pretrained(name, True, {"pretrained_cfg_overlay": None, "cache_dir": None})
     assert server.requests == [route(name)]
-    target = cache / f"{name}-{P.RELEASE_IDS[name][:8]}.safetensors"
+    target = cache / f"{name}-{RELEASE_IDS[name][:8]}.safetensors"
     assert kwargs["pretrained_cfg_overlay"] == {"file": str(target)} and P.cached_weights_path(alias) == target
     assert written["keys"] == {e["key"] for e in manifest(name)["state_dict"]}
     assert written["metadata"]["model"] == name and written["metadata"]["entry"] == "model"

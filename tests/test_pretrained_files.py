@@ -11,9 +11,9 @@ import torch
 from pretrained_support import save_official
 
 import agent_attention.models  # noqa: F401
-from agent_attention.models import pretrained as P
-from agent_attention.models.checkpoints import UnsafeCheckpointError
-from agent_attention.models.hub import save_for_hub
+from agent_attention.weights import pretrained as P
+from agent_attention.weights import UnsafeCheckpointError
+from agent_attention.weights.hub import save_for_hub
 
 SMALL = dict(depth=2, num_classes=5)  # a small agent_deit_tiny: quick to build (5 classes: the cfg overlays say so too)
 X = torch.randn(1, 3, 64, 64)
@@ -60,7 +60,7 @@ def test_official_pth_file_loads_directly(cache, source, tmp_path, monkeypatch, 
 
 
 def test_safetensors_file_is_used_in_place(cache, source, tmp_path):
-    from agent_attention.models.checkpoints import export_safetensors
+    from agent_attention.weights import export_safetensors
 
     f = export_safetensors(source, tmp_path / "w.safetensors")
     m = timm.create_model("agent_deit_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(f), num_classes=5), **SMALL)

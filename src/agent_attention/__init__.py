@@ -26,9 +26,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "create_model": "agent_attention.models",
     "list_models": "agent_attention.models",
-    "load_official_checkpoint": "agent_attention.models.checkpoints",
-    "load_checkpoint_state": "agent_attention.models.checkpoints",
-    "export_safetensors": "agent_attention.models.checkpoints",
+    "load_official_checkpoint": "agent_attention.weights",
+    "load_checkpoint_state": "agent_attention.weights",
+    "export_safetensors": "agent_attention.weights",
     "apply_agentsd": "agent_attention.diffusion.patch",
     "remove_agentsd": "agent_attention.diffusion.patch",
     "AgentSDSchedule": "agent_attention.diffusion.patch",

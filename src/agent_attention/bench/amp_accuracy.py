@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args) -> int:
-    from ..models.checkpoints import load_checkpoint, load_official_checkpoint
+    from ..weights import load_checkpoint, load_official_checkpoint
     from ..train.data import build_loaders
     from ..train.evaluation import build_model, evaluate
 

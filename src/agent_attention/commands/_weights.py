@@ -12,7 +12,7 @@ __all__ = ["read_checkpoint", "stored_config", "num_classes_in", "check_model"]
 def read_checkpoint(path: str) -> Tuple[Any, Dict[str, Any]]:
     """``(checkpoint, stored recipe fields)`` of a weights file, read safely; a usage error
     (ValueError) naming the file when it is missing or not a checkpoint."""
-    from ..models.checkpoints import load_checkpoint
+    from ..weights import load_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -66,7 +66,7 @@ def num_classes_in(ckpt: Any, model_name: str, model_kwargs: Optional[Dict[str, 
     the rows of the checkpoint entry that the model's ``get_classifier()`` weight is named by."""
     import torch
 
-    from ..models.checkpoints import select_state_dict
+    from ..weights import select_state_dict
     from ..train.evaluation import build_model
 
     try:

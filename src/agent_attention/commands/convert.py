@@ -42,7 +42,7 @@ def _check_paths(src: Path, dst: Path) -> None:
 @command(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     """``agent-attention convert IN.pth OUT.safetensors [--key K] [--ema] [--model NAME]``."""
-    from ..models.checkpoints import export_safetensors, load_checkpoint, prepare_state_dict, select_state_dict
+    from ..weights import export_safetensors, load_checkpoint, prepare_state_dict, select_state_dict
 
     args = build_parser().parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)

@@ -153,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from .._atomic import write_json
-    from ..models.checkpoints import load_official_checkpoint
+    from ..weights import load_official_checkpoint
     from ..train.data import build_loaders
     from ..train.distributed import cleanup, init_distributed
     from ..train.evaluation import build_model, evaluate, throughput

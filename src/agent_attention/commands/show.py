@@ -75,7 +75,7 @@ def _build(args: argparse.Namespace):
 @command(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     from .. import viz
-    from ..models.checkpoints import load_official_checkpoint
+    from ..weights import load_official_checkpoint
 
     args = build_parser().parse_args(argv)
     with usage_errors():

@@ -145,7 +145,7 @@ class AgentBackbone(nn.Module):
         full_keys = set(model.state_dict())
         head_keys: List[str] = []
         if checkpoint is not None:
-            from ..models.checkpoints import load_checkpoint_state, prepare_state_dict, select_state_dict
+            from ..weights import load_checkpoint_state, prepare_state_dict, select_state_dict
 
             state = select_state_dict(checkpoint)[0] if isinstance(checkpoint, dict) else load_checkpoint_state(checkpoint)
             cls = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"

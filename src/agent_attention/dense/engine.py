@@ -86,14 +86,14 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(obj: dict, path: Path) -> None:
     """Atomic save (temp file + fsync + ``os.replace``)."""
-    from ..models.checkpoints import save_checkpoint_atomic
+    from ..weights import save_checkpoint_atomic
 
     save_checkpoint_atomic(obj, path)
 
 
 def load_training_checkpoint(path) -> dict:
     """Read a checkpoint of this engine safely (``weights_only`` unpickler)."""
-    from ..models.checkpoints import load_checkpoint
+    from ..weights import load_checkpoint
 
     ckpt = load_checkpoint(str(path))
     if not isinstance(ckpt, dict) or "model" not in ckpt:

@@ -12,7 +12,7 @@ from typing import List
 import timm
 
 from . import agent_deit, agent_pvt, agent_swin, agent_cswin  # noqa: F401  (registration, in this order)
-from .checkpoints import export_safetensors, load_checkpoint_state, load_official_checkpoint, save_checkpoint_atomic
+from ..weights import export_safetensors, load_checkpoint_state, load_official_checkpoint, save_checkpoint_atomic
 from .registry import ALIASES, FAMILIES as _FAMILY_CLASSES, check_model_name
 
 FAMILIES = tuple(_FAMILY_CLASSES)  # ("agent_deit", "agent_pvt", "agent_swin", "agent_cswin")

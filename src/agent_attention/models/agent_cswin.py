@@ -22,12 +22,11 @@ from torch import Tensor, nn
 
 from .._grids import HW, round_up
 from ..layers import AgentAttention, to_2tuple_hw
+from ..weights import unwrap_state_dict
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
 from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
 from ._resize import resize_agent_bias
-from ._safe_load import unwrap_state_dict
 from ._windows import pad_hw, window_padding_mask, window_partition, window_reverse
-from .pretrained import official_url
 from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentCSWinTransformer", "LePEAttention", "CSWinAgentAttention", "CSWinBlock", "checkpoint_filter_fn"]
@@ -313,15 +312,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: AgentCSWinTransfo
     return out
 
 
-def _cfg(name: str, size: int = 224, **kwargs) -> dict:
-    return default_cfg(first_conv="stage1_conv_embed.0", url=official_url(name), size=size,
+def _cfg(url: str, size: int = 224, **kwargs) -> dict:
+    return default_cfg(first_conv="stage1_conv_embed.0", url=url, size=size,
                        pool_size=(size // 32, size // 32), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_cswin_tiny": _cfg("agent_cswin_tiny"), "agent_cswin_small": _cfg("agent_cswin_small"),
-    "agent_cswin_base": _cfg("agent_cswin_base"),
-    "agent_cswin_base_384": _cfg("agent_cswin_base_384", 384),  # official eval of B-384 uses the 0.875 crop
+    "agent_cswin_tiny": _cfg("https://cloud.tsinghua.edu.cn/f/8c562a74441e46d5902b/?dl=1"),
+    "agent_cswin_small": _cfg("https://cloud.tsinghua.edu.cn/f/30eb8af675bc4b7a8747/?dl=1"),
+    "agent_cswin_base": _cfg("https://cloud.tsinghua.edu.cn/f/c8035b0839b2410c8c9f/?dl=1"),
+    # official eval of B-384 uses the 0.875 crop
+    "agent_cswin_base_384": _cfg("https://cloud.tsinghua.edu.cn/f/1239be0df44b47719432/?dl=1", 384),
 })
 
 _T = dict(embed_dim=64, depth=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7),
@@ -334,7 +335,7 @@ def _create_agent_cswin(variant: str, pretrained: bool, defaults: dict, kwargs: 
     kwargs = {**defaults, **kwargs}
     if "depths" in kwargs:  # timm-style spelling overrides the official ``depth``
         kwargs.pop("depth", None)
-    return build(AgentCSWinTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
+    return build(AgentCSWinTransformer, variant, pretrained, **kwargs)
 
 
 @register_model
@@ -363,7 +364,7 @@ def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> AgentCSWinTransf
 
 
 register_family(
-    __name__, AgentCSWinTransformer,
+    __name__, AgentCSWinTransformer, checkpoint_filter=checkpoint_filter_fn,
     aliases={"agent_cswin_t": "agent_cswin_tiny", "agent_cswin_s": "agent_cswin_small",
              "agent_cswin_b": "agent_cswin_base", "agent_cswin_b_384": "agent_cswin_base_384"},
     paper_top1={"agent_cswin_tiny": 83.1, "agent_cswin_small": 83.9, "agent_cswin_base": 84.7,

@@ -20,17 +20,16 @@ from torch import Tensor, nn
 
 from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
+from ..weights import unwrap_state_dict
 from ._config import AgentNum, parse_agent_num
 from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, init_linear_norm, run_blocks,
                          take_indices, to_nchw)
 from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
-from ._safe_load import unwrap_state_dict
-from .pretrained import official_url
-from .registry import build, check_weight_source, default_cfg, register_family
+from .registry import build, default_cfg, register_family
 
 __all__ = [
     "AgentVisionTransformer", "checkpoint_filter_fn", "parse_agent_num", "deit_agent_num",
-    "unwrap_state_dict", "resize_pos_embed", "resize_agent_bias_tables", "infer_square_grid", "check_weight_source",
+    "unwrap_state_dict", "resize_pos_embed", "resize_agent_bias_tables", "infer_square_grid",
 ]
 
 # official rule: block i uses agent_num[_PAIR_TO_ENTRY[i // 2]] (blocks 0-1 -> 0, 2-3 -> 1, 4-9 -> 2, 10-11 -> 3)
@@ -248,22 +247,21 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentVisionTransformer) -> Dic
 
 
 # ----------------------------------------------------------------------------------- registration
-def _cfg(name: str, **kwargs) -> dict:
+def _cfg(url: str, **kwargs) -> dict:
     # official eval: square resize to S/0.875, then center crop S
-    return default_cfg(first_conv="patch_embed.proj", url=official_url(name), crop_mode="squash", **kwargs)
+    return default_cfg(first_conv="patch_embed.proj", url=url, crop_mode="squash", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_deit_tiny": _cfg("agent_deit_tiny"),
-    "agent_deit_small": _cfg("agent_deit_small"),
-    "agent_deit_small_448": _cfg("agent_deit_small_448", size=448),
-    "agent_deit_base": _cfg("agent_deit_base"),
+    "agent_deit_tiny": _cfg("https://cloud.tsinghua.edu.cn/f/57e0904221824ee7b7af/?dl=1"),
+    "agent_deit_small": _cfg("https://cloud.tsinghua.edu.cn/f/fdd43304372541db8ea7/?dl=1"),
+    "agent_deit_small_448": _cfg("https://cloud.tsinghua.edu.cn/f/a228f86241c445f1969b/?dl=1", size=448),
+    "agent_deit_base": _cfg("https://cloud.tsinghua.edu.cn/f/5115f15fdd7e4ab58fbc/?dl=1"),
 })
 
 
 def _create_agent_deit(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentVisionTransformer:
-    return build(AgentVisionTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn,
-                 **{"out_indices": 3, **defaults, **kwargs})
+    return build(AgentVisionTransformer, variant, pretrained, **{"out_indices": 3, **defaults, **kwargs})
 
 
 _TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, agent_num=[49] * 4)
@@ -296,7 +294,7 @@ def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentVisionTransforme
 
 
 register_family(
-    __name__, AgentVisionTransformer,
+    __name__, AgentVisionTransformer, checkpoint_filter=checkpoint_filter_fn,
     aliases={"agent_deit_t": "agent_deit_tiny", "agent_deit_s": "agent_deit_small",
              "agent_deit_s_448": "agent_deit_small_448", "agent_deit_b": "agent_deit_base"},
     paper_top1={"agent_deit_tiny": 74.9, "agent_deit_small": 80.5, "agent_deit_small_448": 83.1,

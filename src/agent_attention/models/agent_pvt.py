@@ -22,12 +22,11 @@ from torch import Tensor, nn
 
 from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
+from ..weights import unwrap_state_dict
 from ._config import AgentNum, parse_agent_num, per_stage
 from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, init_linear_norm, run_blocks,
                          take_indices, to_nchw)
 from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
-from ._safe_load import unwrap_state_dict
-from .pretrained import official_url
 from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentPyramidVisionTransformer", "SRAttention", "checkpoint_filter_fn"]
@@ -293,18 +292,18 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentPyramidVisionTransformer)
 
 
 # ----------------------------------------------------------------------------------- registration
-def _cfg(name: str, size: int = 224, **kwargs) -> dict:
+def _cfg(url: str, size: int = 224, **kwargs) -> dict:
     # official eval: square resize to int(S * 256 / 224), center crop S
-    return default_cfg(first_conv="patch_embed1.proj", url=official_url(name), size=size,
+    return default_cfg(first_conv="patch_embed1.proj", url=url, size=size,
                        pool_size=(size // 32, size // 32), crop_mode="squash", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_pvt_tiny": _cfg("agent_pvt_tiny"),
-    "agent_pvt_small": _cfg("agent_pvt_small"),
-    "agent_pvt_medium": _cfg("agent_pvt_medium"),
-    "agent_pvt_medium_256": _cfg("agent_pvt_medium_256", 256, crop_pct=256 / 292),
-    "agent_pvt_large": _cfg("agent_pvt_large"),
+    "agent_pvt_tiny": _cfg("https://cloud.tsinghua.edu.cn/f/13fdf0e0a7c5498c934f/?dl=1"),
+    "agent_pvt_small": _cfg("https://cloud.tsinghua.edu.cn/f/36b8be9a8863456685a3/?dl=1"),
+    "agent_pvt_medium": _cfg("https://cloud.tsinghua.edu.cn/f/4d00ecacf18b45f9b88c/?dl=1"),
+    "agent_pvt_medium_256": _cfg("https://cloud.tsinghua.edu.cn/f/654df734121643b19c52/?dl=1", 256, crop_pct=256 / 292),
+    "agent_pvt_large": _cfg("https://cloud.tsinghua.edu.cn/f/040cfe0cfbbe4762ad09/?dl=1"),
 })
 
 
@@ -313,7 +312,7 @@ _COMMON = dict(patch_size=4, embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5,
 
 
 def _create_agent_pvt(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentPyramidVisionTransformer:
-    return build(AgentPyramidVisionTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+    return build(AgentPyramidVisionTransformer, variant, pretrained,
                  **{**_COMMON, **defaults, **kwargs})
 
 
@@ -348,7 +347,7 @@ def agent_pvt_large(pretrained: bool = False, **kwargs) -> AgentPyramidVisionTra
 
 
 register_family(
-    __name__, AgentPyramidVisionTransformer,
+    __name__, AgentPyramidVisionTransformer, checkpoint_filter=checkpoint_filter_fn,
     aliases={"agent_pvt_t": "agent_pvt_tiny", "agent_pvt_s": "agent_pvt_small", "agent_pvt_m": "agent_pvt_medium",
              "agent_pvt_m_256": "agent_pvt_medium_256", "agent_pvt_l": "agent_pvt_large"},
     paper_top1={"agent_pvt_tiny": 78.4, "agent_pvt_small": 82.2, "agent_pvt_medium": 83.4,

@@ -23,13 +23,12 @@ from torch import Tensor, nn
 
 from .._grids import HW, round_up
 from ..layers import AgentAttention, to_2tuple_hw
+from ..weights import unwrap_state_dict
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
 from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
 from ._resize import resize_agent_bias, resize_rel_pos_table
-from ._safe_load import unwrap_state_dict
 from ._windows import (WindowAttention, known_true, pad_to, relative_position_index, same_size, shifted_window_mask,
                        window_padding_mask, window_partition, window_reverse)
-from .pretrained import official_url
 from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMerging", "checkpoint_filter_fn",
@@ -392,15 +391,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: AgentSwinTransfor
     return out
 
 
-def _cfg(name: str, size: int = 224, **kwargs) -> dict:
-    return default_cfg(first_conv="patch_embed.proj", url=official_url(name), size=size,
+def _cfg(url: str, size: int = 224, **kwargs) -> dict:
+    return default_cfg(first_conv="patch_embed.proj", url=url, size=size,
                        pool_size=(size // 32, size // 32), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_swin_tiny": _cfg("agent_swin_tiny"), "agent_swin_small": _cfg("agent_swin_small"),
-    "agent_swin_small_288": _cfg("agent_swin_small_288", 288, crop_pct=1.0),  # official eval: no crop
-    "agent_swin_base": _cfg("agent_swin_base"), "agent_swin_base_384": _cfg("agent_swin_base_384", 384, crop_pct=1.0),
+    "agent_swin_tiny": _cfg("https://cloud.tsinghua.edu.cn/f/a2ddc1190c224f768a41/?dl=1"),
+    "agent_swin_small": _cfg("https://cloud.tsinghua.edu.cn/f/f607172c9fea4d6e99bb/?dl=1"),
+    "agent_swin_small_288": _cfg("https://cloud.tsinghua.edu.cn/f/09760394e93b4046a25e/?dl=1", 288, crop_pct=1.0),  # no crop
+    "agent_swin_base": _cfg("https://cloud.tsinghua.edu.cn/f/4fcd2d0114bb490483c3/?dl=1"),
+    "agent_swin_base_384": _cfg("https://cloud.tsinghua.edu.cn/f/bb84ee9058954706a557/?dl=1", 384, crop_pct=1.0),
 })
 
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), agent_num=(9, 16, 49, 49), attn_type="AAAB")
@@ -409,7 +410,7 @@ _B = dict(_S, embed_dim=128, num_heads=(4, 8, 16, 32), attn_type="AAMB2")
 
 
 def _create_agent_swin(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> AgentSwinTransformer:
-    return build(AgentSwinTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn, **{**defaults, **kwargs})
+    return build(AgentSwinTransformer, variant, pretrained, **{**defaults, **kwargs})
 
 
 @register_model
@@ -443,7 +444,7 @@ def agent_swin_base_384(pretrained: bool = False, **kwargs) -> AgentSwinTransfor
 
 
 register_family(
-    __name__, AgentSwinTransformer,
+    __name__, AgentSwinTransformer, checkpoint_filter=checkpoint_filter_fn,
     aliases={"agent_swin_t": "agent_swin_tiny", "agent_swin_s": "agent_swin_small",
              "agent_swin_s_288": "agent_swin_small_288", "agent_swin_b": "agent_swin_base",
              "agent_swin_b_384": "agent_swin_base_384"},

@@ -1,20 +1,23 @@
 """The model registry: each family file declares itself here; timm registration, names, cfgs, builds.
 
 A family file (``agent_<family>.py``) calls :func:`register_family` once, after its
-``@register_model`` functions, with its short aliases and the paper's top-1 per model; the merged
+``@register_model`` functions, with its checkpoint filter, short aliases and the paper's top-1 per model; the merged
 views :data:`ALIASES`, :data:`PAPER_TOP1` and :data:`FAMILIES` are filled from those calls.
 :func:`default_cfg` and :func:`build` are the cfg / builder every family uses (``pool_size``,
-``first_conv`` and ``classifier`` by timm's rules, the official download URL, the checkpoint filter,
-the ``getter`` feature wrapper).
+``first_conv`` and ``classifier`` by timm's rules, the checkpoint filter, the ``getter`` feature
+wrapper); weights come from :mod:`agent_attention.weights`.
 """
 from __future__ import annotations
 
 import difflib
 import sys
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from ..weights.checkpoints import checkpoint_filter as registered_filter, register_checkpoint_filter
+from ..weights.pretrained import prepare_pretrained
 
 __all__ = ["ALIASES", "PAPER_TOP1", "FAMILIES", "TEST_KWARGS", "register_family", "register_alias", "family_of", "model_class",
-           "check_model_name", "default_cfg", "build", "check_weight_source"]
+           "check_model_name", "default_cfg", "build"]
 
 #: short alias -> official name, from every registered family
 ALIASES: Dict[str, str] = {}
@@ -38,22 +41,25 @@ def register_alias(alias: str, fn):
     _alias.__qualname__ = alias
     _alias.__module__ = fn.__module__
     _alias.__doc__ = f"Alias of ``{fn.__name__}``."
+    _alias.__wrapped__ = fn  # how the weights code resolves an alias to its official name
     registered = register_model(_alias)  # timm lists the name in the module's __all__ ...
     setattr(sys.modules[fn.__module__], alias, registered)  # ... so the module must define it
     return registered
 
 
-def register_family(module_name: str, model_cls: type, *, aliases: Dict[str, str], paper_top1: Dict[str, float],
-                    test_kwargs: dict) -> None:
+def register_family(module_name: str, model_cls: type, *, checkpoint_filter: Callable, aliases: Dict[str, str],
+                    paper_top1: Dict[str, float], test_kwargs: dict) -> None:
     """Declare the family of module ``module_name`` (its ``@register_model`` functions are already
-    registered): register the short ``aliases`` (alias -> official name) with timm and record the
-    names, the class, the paper's top-1 and ``test_kwargs`` (a tiny model of the family, for
+    registered): its ``checkpoint_filter(state_dict, model)`` (official checkpoints -> ``model_cls``,
+    used by :func:`build` and by the weights loaders), the short ``aliases`` (alias -> official name,
+    registered with timm), the paper's top-1 and ``test_kwargs`` (a tiny model of the family, for
     ``tests/test_model_contract.py``)."""
     module = sys.modules[module_name]
     prefix = module_name.rsplit(".", 1)[-1]
     if not prefix.startswith("agent_"):
         raise ValueError(f"a family module is named agent_<family>.py, got {module_name!r}")
     FAMILIES[prefix] = model_cls
+    register_checkpoint_filter(model_cls, checkpoint_filter)
     TEST_KWARGS[prefix] = dict(test_kwargs)
     for name, top1 in paper_top1.items():
         if not callable(getattr(module, name, None)):
@@ -111,36 +117,14 @@ def default_cfg(*, first_conv: str, size: int = 224, pool_size: Optional[Tuple[i
             "paper_ids": "arXiv:2312.08874", **kwargs}
 
 
-def _has_source(cfg) -> bool:
-    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-    return cfg is not None and any(get(k) for k in ("file", "url", "hf_hub_id", "state_dict"))
-
-
-def check_weight_source(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """``pretrained=True`` needs a weight source (the registered cfg's URL / hub id, or a
-    ``pretrained_cfg(_overlay)`` with one): raise instead of timm's silent fallback to random weights."""
-    if not pretrained:
-        return
-    from timm.models import get_pretrained_cfg
-
-    cfgs = [kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg") or get_pretrained_cfg(variant)]
-    if not any(_has_source(c) for c in cfgs):
-        raise ValueError(
-            f"{variant}: no released weights can be downloaded for this model; load a local file with "
-            "agent_attention.models.create_model(name, checkpoint_path=...) or pretrained_cfg_overlay=dict(file=...)"
-        )
-
-
-def build(model_cls, variant: str, pretrained: bool = False, *, filter_fn, out_indices=(0, 1, 2, 3), **kwargs):
-    """Every family's builder: the weight-source check, :func:`~.pretrained.prepare_pretrained`, then
-    ``build_model_with_cfg`` with the family's checkpoint filter and a ``getter`` feature wrapper."""
+def build(model_cls, variant: str, pretrained: bool = False, *, out_indices=(0, 1, 2, 3), **kwargs):
+    """Every family's builder: :func:`~agent_attention.weights.pretrained.prepare_pretrained` (safe,
+    converted weights; an error when there are none), then ``build_model_with_cfg`` with the family's
+    registered checkpoint filter and a ``getter`` feature wrapper."""
     from timm.models import build_model_with_cfg
 
-    from .pretrained import prepare_pretrained
-
     kwargs = prepare_pretrained(variant, pretrained, kwargs)
-    check_weight_source(variant, pretrained, kwargs)
-    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=registered_filter(model_cls),
                                 feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
 
 

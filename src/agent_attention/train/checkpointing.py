@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._atomic import remove_stale_temps as _remove_temps
-from ..models.checkpoints import load_checkpoint, save_checkpoint_atomic
+from ..weights import load_checkpoint, save_checkpoint_atomic
 
 __all__ = ["rng_state", "set_rng_state", "save_state", "load_state", "find_resume", "prune_checkpoints",
            "remove_stale_temps", "first_non_finite", "read_summary", "LAST", "BEST", "BEST_EMA", "RUN_FILES"]

@@ -83,7 +83,7 @@ class Trainer:
         model = build_model(cfg.model, self.num_classes, img_size=cfg.img_size, drop_path=cfg.drop_path,
                             model_kwargs=cfg.model_kwargs)
         if cfg.pretrained:
-            from ..models.checkpoints import load_official_checkpoint
+            from ..weights import load_official_checkpoint
 
             load_official_checkpoint(model, cfg.pretrained, strict=False, use_ema=cfg.model_ema)
             self.log(f"fine-tuning from {cfg.pretrained}")
@@ -404,7 +404,7 @@ class Trainer:
             import json
 
             if cfg.export:
-                from ..models.checkpoints import export_safetensors
+                from ..weights import export_safetensors
 
                 src = self.ema.module if self.ema is not None else self.model
                 meta = {"model": cfg.model, "model_kwargs": json.dumps(cfg.model_kwargs), "img_size": cfg.img_size,

@@ -1,8 +1,9 @@
-"""Released weights for ``pretrained=True``: official download URLs, the local cache, safe loading.
+"""Released weights for ``pretrained=True``: download URLs, the local cache, safe loading.
 
-Interface used by the model builders (``build`` in the shared model helpers):
+Interface used by the model builders (``build`` in the model registry):
 
-* ``official_url(name) -> str``: the official download URL of a released model ('' if none);
+* ``official_url(name) -> str``: the download URL of a registered model's released weights, as
+  its timm pretrained cfg declares it (the family file's ``default_cfgs``); '' if none;
 * ``prepare_pretrained(variant, pretrained, kwargs) -> kwargs``: called right before
   ``timm.models.build_model_with_cfg``; when ``pretrained`` it makes sure timm will load a safe
   local file (download + cache + safetensors conversion) and returns the kwargs to build with.
@@ -19,12 +20,16 @@ else ``torch.hub.get_dir()/checkpoints/agent_attention`` (``$TORCH_HOME/hub/...`
 
     <cache>/agent_swin_tiny-a2ddc119.safetensors        # released weights ('model' entry), by URL
     <cache>/local/<stem>-<path hash>-<version hash>.safetensors   # converted local .pth files
+
+Nothing here knows a model family: names are resolved through timm's registry.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,53 +37,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._download import WeightsDownloadError, download_file
-from ._safe_load import (
+from .download import WeightsDownloadError, download_file
+from .safe_load import (
     UnsafeCheckpointError,
     _is_safetensors,
     load_checkpoint,
     select_state_dict,
 )
-from ._safe_save import export_safetensors
-from .registry import ALIASES
+from .safe_save import export_safetensors
 
 __all__ = [
     "ENV_CACHE",
     "ENV_PROGRESS",
     "ENV_URL",
-    "RELEASE_IDS",
-    "URL_TEMPLATE",
+    "RELEASE_URL",
     "WeightsDownloadError",
     "cache_dir",
     "cached_weights_path",
     "convert_local_file",
     "fetch_pretrained",
+    "official_name",
     "official_url",
     "prepare_pretrained",
+    "release_id",
 ]
 
-#: Tsinghua-cloud file ids of the released ImageNet-1k checkpoints (official agent_transformer/README.md)
-RELEASE_IDS = {
-    "agent_deit_tiny": "57e0904221824ee7b7af",
-    "agent_deit_small": "fdd43304372541db8ea7",
-    "agent_deit_small_448": "a228f86241c445f1969b",
-    "agent_deit_base": "5115f15fdd7e4ab58fbc",
-    "agent_pvt_tiny": "13fdf0e0a7c5498c934f",
-    "agent_pvt_small": "36b8be9a8863456685a3",
-    "agent_pvt_medium": "4d00ecacf18b45f9b88c",
-    "agent_pvt_medium_256": "654df734121643b19c52",
-    "agent_pvt_large": "040cfe0cfbbe4762ad09",
-    "agent_swin_tiny": "a2ddc1190c224f768a41",
-    "agent_swin_small": "f607172c9fea4d6e99bb",
-    "agent_swin_small_288": "09760394e93b4046a25e",
-    "agent_swin_base": "4fcd2d0114bb490483c3",
-    "agent_swin_base_384": "bb84ee9058954706a557",
-    "agent_cswin_tiny": "8c562a74441e46d5902b",
-    "agent_cswin_small": "30eb8af675bc4b7a8747",
-    "agent_cswin_base": "c8035b0839b2410c8c9f",
-    "agent_cswin_base_384": "1239be0df44b47719432",
-}
-URL_TEMPLATE = "https://cloud.tsinghua.edu.cn/f/{id}/?dl=1"
+#: the released files' URLs on Tsinghua cloud (official agent_transformer/README.md): one file id each
+RELEASE_URL = re.compile(r"https://cloud\.tsinghua\.edu\.cn/f/([0-9a-f]+)/\?dl=1")
 #: a mirror of the released files: a template with ``{id}`` and/or ``{name}`` (official name)
 ENV_URL = "AGENT_ATTENTION_WEIGHTS_URL"
 ENV_CACHE = "AGENT_ATTENTION_CACHE"
@@ -86,23 +71,47 @@ ENV_CACHE = "AGENT_ATTENTION_CACHE"
 ENV_PROGRESS = "AGENT_ATTENTION_PROGRESS"
 
 
-def _official_name(name: str) -> str:
+def official_name(name: str) -> str:
+    """The registered model function behind ``name``: an alias (a model function wrapping another,
+    ``__wrapped__``) resolves to the official name; a timm tag (``'.in1k'``) is dropped."""
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    import timm
+
     base = name.split(".", 1)[0]  # timm pretrained tags: 'agent_swin_tiny.in1k'
-    return ALIASES.get(base, base)
+    if not timm.is_model(base):
+        return base
+    return inspect.unwrap(timm.models.model_entrypoint(base)).__name__
+
+
+def release_id(url: str) -> str:
+    """The file id of a released-weights URL (``RELEASE_URL``), or '' for another URL."""
+    match = RELEASE_URL.fullmatch(url or "")
+    return match.group(1) if match else ""
+
+
+def _mirrored(url: str, official: str) -> str:
+    """``url``, or its mirror when ``$AGENT_ATTENTION_WEIGHTS_URL`` is set and ``url`` is a released file."""
+    template, file_id = os.environ.get(ENV_URL), release_id(url)
+    return template.format(id=file_id, name=official) if template and file_id else url
+
+
+def _registered_url(official: str) -> str:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(official)
+    url = (cfg.url if cfg is not None else "") or ""
+    return url[0] if isinstance(url, (tuple, list)) else url
 
 
 def official_url(name: str) -> str:
     """The download URL of the released weights of ``name`` (official name or alias); '' if none.
 
+    The URL is the one of the model's timm pretrained cfg (declared in its family file);
     ``$AGENT_ATTENTION_WEIGHTS_URL`` (a template with ``{id}`` / ``{name}``) points at a mirror.
     """
-    official = _official_name(name)
-    file_id = RELEASE_IDS.get(official)
-    if file_id is None:
-        return ""
-    return (os.environ.get(ENV_URL) or URL_TEMPLATE).format(id=file_id, name=official)
+    official = official_name(name)
+    return _mirrored(_registered_url(official), official)
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -119,15 +128,20 @@ def _short_hash(text: str, n: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
+def _released(official: str, url: str) -> str:
+    """The file id when ``url`` is ``official``'s registered release (or its mirror), else ''."""
+    registered = _registered_url(official)
+    return release_id(registered) if registered and url in (registered, _mirrored(registered, official)) else ""
+
+
 def cached_weights_path(name: str, url: str | None = None, cache: str | os.PathLike | None = None) -> Path:
-    """The cache file of ``name``'s weights downloaded from ``url`` (default: the official URL)."""
-    official = _official_name(name)
-    url = url or official_url(official)
+    """The cache file of ``name``'s weights downloaded from ``url`` (default: the registered URL)."""
+    official = official_name(name)
+    url = url or _registered_url(official)
     if not url:
         raise ValueError(f"{name}: no released weights are known; pass pretrained_cfg_overlay=dict(file=PATH)")
-    file_id = RELEASE_IDS.get(official, "")
-    released = file_id and url in (official_url(official), URL_TEMPLATE.format(id=file_id, name=official))
-    tag = file_id[:8] if released else _short_hash(url)
+    file_id = _released(official, url)
+    tag = file_id[:8] if file_id else _short_hash(url)
     return cache_dir(cache) / f"{official}-{tag}.safetensors"
 
 
@@ -167,14 +181,14 @@ def _reference_model(official: str) -> torch.nn.Module:
 def verify_weights(name: str, state: Mapping[str, Tensor], source: str) -> None:
     """Check that ``state`` fits the released ``name`` architecture (built on the meta device).
 
-    The family's ``checkpoint_filter_fn`` is applied first, as at load time. Raises a one-line
+    The checkpoint filter registered for the model's class is applied first, as at load time. Raises a one-line
     ValueError naming the expected model and what the file holds.
     """
-    from .checkpoints import _family_filter, check_state_dict
+    from .checkpoints import check_state_dict, checkpoint_filter
 
-    official = _official_name(name)
+    official = official_name(name)
     ref = _reference_model(official)
-    filter_fn = _family_filter(ref)
+    filter_fn = checkpoint_filter(ref)
     try:
         fitted = dict(filter_fn(dict(state), ref)) if filter_fn is not None else dict(state)
     except (ValueError, RuntimeError, TypeError) as e:
@@ -203,16 +217,16 @@ def fetch_pretrained(name: str, *, url: str | None = None, cache: str | os.PathL
     safetensors (atomically); the ``.pth`` is then deleted. Later calls return the cached file
     without any download or unpickling.
     """
-    official = _official_name(name)
-    default_url = official_url(official)
-    url = url or default_url
+    official = official_name(name)
+    url = url or _registered_url(official)
     target = cached_weights_path(official, url, cache)
     if target.is_file():
         with open(target, "rb") as f:
             if _is_safetensors(f.read(16)):
                 return target
         target.unlink()  # not ours (or damaged): fetch again
-    verify = (url == default_url) if verify is None else verify
+    verify = bool(_released(official, url)) if verify is None else verify
+    url = _mirrored(url, official)
     raw = target.with_name(target.name[: -len(".safetensors")] + ".pth")
     what = f"{official} weights"
     sha256 = download_file(url, raw, what=what, progress=_progress_default() if progress is None else progress)
@@ -256,43 +270,37 @@ def convert_local_file(path: str | os.PathLike, cache: str | os.PathLike | None 
     return target
 
 
-def _cfg_dict(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    if hasattr(cfg, "to_dict"):  # timm PretrainedCfg
-        return cfg.to_dict()
-    return {}  # None or a pretrained tag string
-
-
 def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The kwargs for ``build_model_with_cfg`` so that timm loads safe, local weights.
 
-    * ``pretrained_cfg_overlay=dict(state_dict=...)``, an ``hf_hub_id`` (or timm's ``hf-hub:`` /
-      ``local-dir:`` names) and ``.safetensors`` files are left to timm;
-    * ``file=`` any other checkpoint (an official ``.pth``): converted with :func:`convert_local_file`;
-    * otherwise the ``url`` of the cfg / overlay, else the official URL of ``variant``:
-      downloaded and converted with :func:`fetch_pretrained`.
+    timm resolves the pretrained cfg (registered cfg, ``pretrained_cfg``, ``pretrained_cfg_overlay``)
+    and picks its source, in its own order, with its own functions; of its sources two would unpickle
+    a ``.pth`` with timm's loader, and are replaced by a safe, converted ``.safetensors`` file:
+
+    * ``file`` (a local checkpoint, e.g. an official ``.pth``): :func:`convert_local_file`
+      (``.safetensors`` files are used as they are);
+    * ``url`` (the released weights, or another URL): :func:`fetch_pretrained`.
+
+    The others (a ``state_dict``, the Hub, ``local-dir:``) are left to timm. No source at all is a
+    ValueError (timm would silently keep random weights).
     """
     if not pretrained:
         return kwargs
+    from timm.models import resolve_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source  # the source order build_model_with_cfg uses
+
+    variant = official_name(variant)
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    merged = {**_cfg_dict(kwargs.get("pretrained_cfg")), **overlay}
-    if merged.get("state_dict") is not None or merged.get("source") in ("hf-hub", "local-dir"):
-        return kwargs
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay)
+    load_from, location = _resolve_pretrained_source(cfg.to_dict())
     cache = kwargs.get("cache_dir")
-    if merged.get("file"):
-        overlay["file"] = os.fspath(convert_local_file(merged["file"], cache))
-    elif merged.get("hf_hub_id"):
-        return kwargs
+    if load_from == "file":
+        overlay["file"] = os.fspath(convert_local_file(location, cache))
+    elif load_from == "url":
+        overlay["file"] = os.fspath(fetch_pretrained(variant, url=location, cache=cache))
+    elif not load_from:
+        raise ValueError(f"{variant}: no released weights are known for this model; pass "
+                         "pretrained_cfg_overlay=dict(file=PATH) or pretrained=False")
     else:
-        default_url = official_url(variant)
-        url = merged.get("url") or default_url
-        if isinstance(url, (tuple, list)):
-            url = url[0]
-        if not url:
-            raise ValueError(f"{variant}: no released weights are known for this model; pass "
-                             "pretrained_cfg_overlay=dict(file=PATH) or pretrained=False")
-        if url == URL_TEMPLATE.format(id=RELEASE_IDS.get(_official_name(variant), ""), name=_official_name(variant)):
-            url = default_url  # the cfg's official URL: honour a mirror set in the environment
-        overlay["file"] = os.fspath(fetch_pretrained(variant, url=url, cache=cache))
+        return kwargs
     return {**kwargs, "pretrained_cfg_overlay": overlay}

@@ -1,7 +1,7 @@
 """Writing checkpoints without losing anything: atomic ``torch.save`` and safetensors export.
 
 Both write a temp file in the target folder, fsync it and ``os.replace`` it onto the target, so a
-crash mid-write leaves any previous file intact. Re-exported by :mod:`agent_attention.models.checkpoints`.
+crash mid-write leaves any previous file intact. Re-exported by :mod:`agent_attention.weights.checkpoints`.
 """
 from __future__ import annotations
 

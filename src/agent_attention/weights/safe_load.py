@@ -3,11 +3,11 @@
 Official ``.pth`` files are read by torch's restricted ``weights_only`` unpickler with a few extra,
 harmless stand-ins (yacs ``CfgNode`` -> ``OrderedDict``, numeric numpy scalars, ``argparse.Namespace``);
 anything else that names code is refused with :class:`UnsafeCheckpointError`. Before torch reads a
-file, :mod:`._pickle_scan` checks every tensor against its storage and every storage against the
+file, :mod:`.pickle_scan` checks every tensor against its storage and every storage against the
 file (a 1 KB file cannot make the loader allocate terabytes), and the result is checked for cycles
 and absurd nesting (a ``ValueError``, never a ``RecursionError``). ``.safetensors`` files are
 recognised by their header. The public names are re-exported by
-:mod:`agent_attention.models.checkpoints`.
+:mod:`agent_attention.weights.checkpoints`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._pickle_scan import check_storages
+from .pickle_scan import check_storages
 
 __all__ = [
     "UnsafeCheckpointError", "official_safe_globals", "load_checkpoint", "select_state_dict", "unwrap_state_dict",

@@ -13,27 +13,26 @@ torch's restricted ``weights_only`` unpickler with a few extra, harmless stand-i
 Anything else outside torch's allowlist (``os.system``, ``builtins.eval``, arbitrary classes...)
 is refused with :class:`UnsafeCheckpointError`. Nothing in this module imports the model families.
 
-Reading and picking the weights live in :mod:`._safe_load`, writing in :mod:`._safe_save`; every
+Reading and picking the weights live in :mod:`.safe_load`, writing in :mod:`.safe_save`; every
 public name is importable from here.
 """
 from __future__ import annotations
 
-import sys
 import warnings
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
-from ._safe_load import (EMA_KEYS, STATE_KEYS, WRAPPER_PREFIXES, PathOrBytes, UnsafeCheckpointError, _describe,
+from .safe_load import (EMA_KEYS, STATE_KEYS, WRAPPER_PREFIXES, PathOrBytes, UnsafeCheckpointError, _describe,
                          load_checkpoint, load_checkpoint_state, official_safe_globals, select_state_dict,
                          strip_wrapper_prefixes, unwrap_state_dict)
-from ._safe_save import export_safetensors, save_checkpoint_atomic
+from .safe_save import export_safetensors, save_checkpoint_atomic
 
 __all__ = [
     "IncompatibleCheckpointError", "UnsafeCheckpointError", "official_safe_globals", "load_checkpoint",
     "load_checkpoint_state", "select_state_dict", "check_state_dict", "prepare_state_dict", "load_official_checkpoint",
     "export_safetensors", "save_checkpoint_atomic", "unwrap_state_dict", "strip_wrapper_prefixes",
-    "STATE_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES",
+    "STATE_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES", "register_checkpoint_filter", "checkpoint_filter",
 ]
 
 #: buffers that are pure functions of the geometry; a checkpoint may lack them (official issue #37)
@@ -74,9 +73,22 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> Tuple[lis
     return missing, unexpected, mismatched
 
 
-def _family_filter(model: nn.Module):
-    module = sys.modules.get(type(model).__module__)
-    return getattr(module, "checkpoint_filter_fn", None)
+#: model class -> its ``checkpoint_filter_fn(state_dict, model)``, declared by the class's family
+_FILTERS: Dict[type, Callable] = {}
+
+
+def register_checkpoint_filter(model_cls: type, filter_fn: Callable) -> None:
+    """Declare the ``checkpoint_filter_fn(state_dict, model)`` that adapts released checkpoints to
+    ``model_cls`` (and its subclasses); the model families (and dense models) call it once."""
+    if not isinstance(model_cls, type) or not callable(filter_fn):
+        raise TypeError("register_checkpoint_filter(model_cls, filter_fn) needs a class and a callable")
+    _FILTERS[model_cls] = filter_fn
+
+
+def checkpoint_filter(model: Union[nn.Module, type]) -> Optional[Callable]:
+    """The checkpoint filter registered for ``model``'s class (or its nearest base class), or ``None``."""
+    cls = model if isinstance(model, type) else type(model)
+    return next((_FILTERS[c] for c in cls.__mro__ if c in _FILTERS), None)
 
 
 def prepare_state_dict(
@@ -89,7 +101,7 @@ def prepare_state_dict(
 ) -> Dict[str, Tensor]:
     """The state dict that :func:`load_official_checkpoint` would load into ``model``.
 
-    Reads ``path`` safely, picks the weights, applies the family's ``checkpoint_filter_fn``, drops
+    Reads ``path`` safely, picks the weights, applies the registered checkpoint filter, drops
     entries for the model's non-persistent buffers and checks keys and shapes (see
     :func:`load_official_checkpoint` for ``strict``).
     """
@@ -97,7 +109,7 @@ def prepare_state_dict(
         state, used = select_state_dict(path, key=key, use_ema=use_ema)
     else:
         state, used = select_state_dict(load_checkpoint(path), key=key, use_ema=use_ema)
-    filter_fn = _family_filter(model)
+    filter_fn = checkpoint_filter(model)
     if filter_fn is not None:
         state = dict(filter_fn(state, model))
     own_keys = set(model.state_dict())
@@ -132,8 +144,8 @@ def load_official_checkpoint(
 
     ``path`` is a file (``.pth`` or ``.safetensors``), bytes, or an already loaded checkpoint
     dict. The weights are ``key`` if given, else the EMA entry with ``use_ema=True``, else
-    ``model`` / ``state_dict`` / the raw dict (:func:`select_state_dict`). The family's
-    ``checkpoint_filter_fn`` (if the model's module defines one) adapts the official layout. With
+    ``model`` / ``state_dict`` / the raw dict (:func:`select_state_dict`). The checkpoint filter
+    registered for the model's class (:func:`register_checkpoint_filter`) adapts the official layout. With
     ``strict=True`` any missing / unexpected key or shape mismatch raises
     :class:`IncompatibleCheckpointError` listing them; with ``strict=False`` the matching entries
     are loaded and the rest reported in a warning. Entries for non-persistent buffers (e.g. Swin's

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from .._atomic import atomic_path
-from ._safe_save import export_safetensors
+from .safe_save import export_safetensors
 
 __all__ = ["HF_CONFIG_NAME", "HF_WEIGHTS_NAME", "save_for_hub"]
 
