@@ -21,23 +21,17 @@ __all__ = ["main", "build_parser", "side_by_side"]
 PROG = "agent-attention sd"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", "'"))
+def add_generation_options(p: argparse.ArgumentParser, *, steps: int = 50) -> None:
+    """Options shared by ``sd`` and ``sd-eval``: the pipeline, how to call it, AgentSD's schedule."""
     p.add_argument("--model", required=True, help="local diffusers pipeline directory (model_index.json)")
-    p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None, help="negative text prompt (default: none)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
     p.add_argument("--switch-step", type=int, default=None,
                    help="step where the schedule switches to its second phase (default: 40%% of --steps, 20 of 50)")
     p.add_argument("--no-schedule", action="store_true", help="keep the first-phase settings for every step")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same for both images)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: one row of images per seed")
-    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also generate without AgentSD (same seeds) and save both side by side (default); "
-                        "--no-compare saves the AgentSD images only")
     p.add_argument("--frames", type=int, default=None, help="video pipelines: number of frames (default: the pipeline's)")
     p.add_argument("--ratio", type=float, default=0.4, help="token merging ratio (both phases)")
     p.add_argument("--agent-ratio", type=float, default=0.95, help="agent merging ratio of the first phase")
@@ -49,6 +43,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--warmup", type=int, default=1, help="untimed 1-step generations before timing (default 1)")
+
+
+def schedule_from_args(args: argparse.Namespace):
+    """``(AgentSDSchedule, switch step)`` of the command line (usage errors for bad settings)."""
+    from ..diffusion.patch import PAPER_LATE, AgentSDSchedule
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    precision = None if args.attn_precision == "auto" else args.attn_precision
+    early = dict(ratio=args.ratio, agent_ratio=args.agent_ratio, max_downsample=args.max_downsample, attn_precision=precision)
+    switch = args.switch_step if args.switch_step is not None else round(0.4 * args.steps)
+    if args.no_schedule:
+        switch = args.steps
+    late = dict(PAPER_LATE, ratio=args.ratio, agent_ratio=args.late_agent_ratio)
+    with usage_errors():
+        return AgentSDSchedule(switch_step=switch, early=early, late=late), switch
+
+
+def call_options(args: argparse.Namespace) -> dict:
+    """Pipeline call arguments of the command line (those a pipeline does not take are dropped)."""
+    return dict(guidance_scale=args.guidance, negative_prompt=args.negative_prompt, height=args.height,
+                width=args.width, num_frames=args.frames)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", "'"))
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same for both images)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: one row of images per seed")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also generate without AgentSD (same seeds) and save both side by side (default); "
+                        "--no-compare saves the AgentSD images only")
+    add_generation_options(p)
     p.add_argument("--out", default="agentsd.png",
                    help="output PNG (left: baseline, right: AgentSD; one row per seed; a video: first, middle, last frame)")
     return p
@@ -58,28 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     model = model_dir(args.model)
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    schedule, switch = schedule_from_args(args)
     if Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a directory; give a .png file name")
     seeds = args.seeds if args.seeds else [args.seed]
 
-    from ..diffusion.patch import PAPER_LATE, AgentSDSchedule, apply_agentsd, remove_agentsd
+    from ..diffusion.patch import apply_agentsd, remove_agentsd
 
     with usage_errors():
         device, dtype, dtype_name = resolve_device(args.device, args.dtype)
     pipe = load_pipeline(model, device, dtype)
 
-    precision = None if args.attn_precision == "auto" else args.attn_precision
-    early = dict(ratio=args.ratio, agent_ratio=args.agent_ratio, max_downsample=args.max_downsample, attn_precision=precision)
-    switch = args.switch_step if args.switch_step is not None else round(0.4 * args.steps)
-    if args.no_schedule:
-        switch = args.steps
-    late = dict(PAPER_LATE, ratio=args.ratio, agent_ratio=args.late_agent_ratio)
-    with usage_errors():
-        schedule = AgentSDSchedule(switch_step=switch, early=early, late=late)
-    options = dict(guidance_scale=args.guidance, negative_prompt=args.negative_prompt, height=args.height,
-                   width=args.width, num_frames=args.frames)
+    options = call_options(args)
 
     def run(steps: int, seed: int, callback=None):
         return generate(pipe, args.prompt, seed=seed, steps=steps, device=device, callback=callback, **options)
