@@ -1,7 +1,7 @@
 """Token merging for AgentSD: bipartite soft matching on a 2-D token grid (ToMe for SD) that also
 produces the agent tokens by a stronger merge of the same tokens.
 
-The ``N = h·w`` tokens of a grid are split into *destinations* (one per ``sy × sx`` cell, at a random
+The ``N = h·w`` tokens of a grid (``t·h·w`` for video, cells of ``st × sy × sx``) are split into *destinations* (one per ``sy × sx`` cell, at a random
 or the top-left position of the cell) and *sources* (every other token, including the rows and
 columns that do not fill a whole cell).  Each source is paired with its most cosine-similar
 destination; the ``r = int(N·ratio)`` best-paired sources are averaged into their destination, the
@@ -21,6 +21,7 @@ a copy of its destination's output).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -31,33 +32,42 @@ from torch import Tensor
 __all__ = ["TokenMatch", "match_tokens", "merge_tokens", "merge_counts", "destination_partition"]
 
 
-def _check_settings(hw: Tuple[int, int], sx: int, sy: int, ratio: float, agent_ratio: float) -> Tuple[int, int]:
+def _check_settings(hw, sx: int, sy: int, ratio: float, agent_ratio: float, st: int = 1) -> Tuple[int, ...]:
+    """The grid as a tuple of 2 (h, w) or 3 (t, h, w) positive ints, after checking the settings."""
     try:
-        h, w = (int(v) for v in hw)
+        grid = tuple(int(v) for v in hw)
     except (TypeError, ValueError):
-        raise TypeError(f"token merging: hw must be a pair of ints (height, width), got {hw!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"token merging: grid size must be positive, got {(h, w)}")
-    for name, s in (("sx", sx), ("sy", sy)):
+        raise TypeError(f"token merging: hw must be (height, width) or (frames, height, width) ints, got {hw!r}") from None
+    if len(grid) not in (2, 3):
+        raise TypeError(f"token merging: hw must be (height, width) or (frames, height, width), got {hw!r}")
+    if min(grid) < 1:
+        raise ValueError(f"token merging: grid size must be positive, got {grid}")
+    for name, s in (("sx", sx), ("sy", sy), ("st", st)):
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise ValueError(f"token merging: {name} must be a positive int, got {s!r}")
     for name, value in (("ratio", ratio), ("agent_ratio", agent_ratio)):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"token merging: {name} must be in [0, 1], got {value!r}")
-    return h, w
+    return grid
 
 
-def merge_counts(hw: Tuple[int, int], *, sx: int, sy: int, ratio: float, agent_ratio: float = 0.0) -> Tuple[int, Optional[int]]:
+def _strides(grid: Tuple[int, ...], sx: int, sy: int, st: int) -> Tuple[int, ...]:
+    return (sy, sx) if len(grid) == 2 else (st, sy, sx)
+
+
+def merge_counts(hw, *, sx: int, sy: int, ratio: float, agent_ratio: float = 0.0, st: int = 1) -> Tuple[int, Optional[int]]:
     """Token counts without running anything: ``(merged tokens, agents or None)``.
+
+    ``hw`` is ``(h, w)`` or, for video, ``(t, h, w)`` with one destination per ``st × sy × sx`` cell.
 
     >>> merge_counts((64, 64), sx=4, sy=4, ratio=0.4, agent_ratio=0.95)   # paper, steps 0-19
     (2458, 256)
     >>> merge_counts((64, 64), sx=2, sy=2, ratio=0.4, agent_ratio=0.5)    # steps >= 20: ToMe only
     (2458, None)
     """
-    h, w = _check_settings(hw, sx, sy, ratio, agent_ratio)
-    n = h * w
-    num_dst = (h // sy) * (w // sx)
+    grid = _check_settings(hw, sx, sy, ratio, agent_ratio, st)
+    n = math.prod(grid)
+    num_dst = math.prod(g // s for g, s in zip(grid, _strides(grid, sx, sy, st)))
     num_src = n - num_dst
     r = min(int(n * ratio), num_src) if num_dst > 0 else 0
     if r <= 0:
@@ -69,27 +79,35 @@ def merge_counts(hw: Tuple[int, int], *, sx: int, sy: int, ratio: float, agent_r
 
 
 def destination_partition(
-    hw: Tuple[int, int], sx: int, sy: int, *, use_rand: bool = False,
-    generator: Optional[torch.Generator] = None, device=None,
+    hw, sx: int, sy: int, *, use_rand: bool = False,
+    generator: Optional[torch.Generator] = None, device=None, st: int = 1,
 ) -> Tuple[Tensor, Tensor]:
-    """Split the row-major ``h × w`` grid into ``(dst, src)`` token indices.
+    """Split the row-major ``h × w`` (or ``t × h × w``) grid into ``(dst, src)`` token indices.
 
-    Every full ``sy × sx`` cell contributes one destination: a uniformly random position of the cell
-    (``use_rand=True``, drawn with ``generator``) or its top-left token (``use_rand=False``).  Tokens
-    of the last rows/columns that do not fill a cell are always sources.  Both index tensors are in
-    increasing (row-major) order.
+    Every full ``sy × sx`` (``st × sy × sx``) cell contributes one destination: a uniformly random
+    position of the cell (``use_rand=True``, drawn with ``generator``) or its first (top-left) token
+    (``use_rand=False``).  Tokens of the last rows/columns/frames that do not fill a cell are always
+    sources.  Both index tensors are in increasing (row-major) order.
     """
-    h, w = (int(v) for v in hw)
-    cells_y, cells_x = h // sy, w // sx
+    grid = tuple(int(v) for v in hw)
+    strides = _strides(grid, sx, sy, st)
+    cells = tuple(g // s for g, s in zip(grid, strides))
+    cell_size = math.prod(strides)
     if use_rand:
         gen_device = generator.device if generator is not None else device
-        offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator, device=gen_device).to(device)
+        offset = torch.randint(cell_size, cells, generator=generator, device=gen_device).to(device)
     else:
-        offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
-    rows = torch.arange(cells_y, device=device)[:, None] * sy + offset // sx
-    cols = torch.arange(cells_x, device=device)[None, :] * sx + offset % sx
-    is_dst = torch.zeros(h * w, dtype=torch.bool, device=device)
-    is_dst[(rows * w + cols).reshape(-1)] = True
+        offset = torch.zeros(cells, dtype=torch.long, device=device)
+    index = torch.zeros(cells, dtype=torch.long, device=device)
+    inner = cell_size
+    for axis, (size, stride) in enumerate(zip(grid, strides)):  # position along each axis, row-major
+        inner //= stride
+        shape = [1] * len(grid)
+        shape[axis] = cells[axis]
+        pos = torch.arange(cells[axis], device=device).view(shape) * stride + (offset // inner) % stride
+        index = index * size + pos
+    is_dst = torch.zeros(math.prod(grid), dtype=torch.bool, device=device)
+    is_dst[index.reshape(-1)] = True
     return is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)
 
 
@@ -226,7 +244,7 @@ def _slots(order: Tensor, partner: Tensor, src: Tensor, dst: Tensor, r: int, n: 
 @torch.no_grad()
 def match_tokens(
     metric: Tensor,
-    hw: Tuple[int, int],
+    hw,
     *,
     sx: int = 2,
     sy: int = 2,
@@ -235,31 +253,35 @@ def match_tokens(
     use_rand: bool = False,
     generator: Optional[torch.Generator] = None,
     fp32: bool = False,
+    st: int = 1,
 ) -> TokenMatch:
     """Bipartite soft matching of the tokens of ``metric`` (B, h·w, C) on the ``hw`` grid.
 
     Args:
         metric: the features whose cosine similarity decides the pairs (AgentSD: the input ``x`` of
             the transformer block, before ``norm1``, as the official ``compute_merge(x)``).
-        hw: ``(h, w)`` of the token grid, row-major; need not be divisible by ``sy``, ``sx``.
+        hw: ``(h, w)`` of the token grid, row-major, or ``(t, h, w)`` for video; need not be
+            divisible by the strides.
         sx, sy: destination stride: one destination per ``sy × sx`` cell.
         ratio: fraction of the tokens removed by merging (``r = int(N·ratio)``, clipped to the
             number of sources).  ``ratio = 0`` gives the identity and no agents.
         agent_ratio: the same for the agent set; agents exist only if ``(N - agent_r)·2 < N - r``.
         use_rand: random destination in each cell (drawn from ``generator``); otherwise top-left.
         generator: a ``torch.Generator`` for reproducible random destinations.
+        st: temporal destination stride of a ``(t, h, w)`` grid.
         fp32: compute the similarities in float32 (the norms always are).
     """
     if not isinstance(metric, Tensor) or metric.dim() != 3:
         raise ValueError(f"match_tokens: metric must be a (batch, tokens, channels) tensor, got {getattr(metric, 'shape', type(metric))}")
-    h, w = _check_settings(hw, sx, sy, ratio, agent_ratio)
+    grid = _check_settings(hw, sx, sy, ratio, agent_ratio, st)
     B, n, _ = metric.shape
-    if n != h * w:
-        raise ValueError(f"match_tokens: {n} tokens do not form the {h}x{w} grid (expected {h * w})")
-    num_merged, num_agents = merge_counts((h, w), sx=sx, sy=sy, ratio=ratio, agent_ratio=agent_ratio)
+    if n != math.prod(grid):
+        shape = "x".join(map(str, grid))
+        raise ValueError(f"match_tokens: {n} tokens do not form the {shape} grid (expected {math.prod(grid)})")
+    num_merged, num_agents = merge_counts(grid, sx=sx, sy=sy, ratio=ratio, agent_ratio=agent_ratio, st=st)
     if num_merged == n:
         return TokenMatch(num_tokens=n, num_merged=n)
-    dst, src = destination_partition((h, w), sx, sy, use_rand=use_rand, generator=generator, device=metric.device)
+    dst, src = destination_partition(grid, sx, sy, use_rand=use_rand, generator=generator, device=metric.device, st=st)
     # cosine similarity of each source with each destination; only the destinations are normalised
     # before the product, the sources after the max (a positive per-row factor keeps the argmax)
     tiny = torch.finfo(torch.float32).tiny

@@ -1,225 +1,201 @@
-"""Apply / remove AgentSD on a diffusers pipeline or UNet, and the paper's step schedule.
+"""Apply / remove AgentSD on a diffusers pipeline or denoiser, and the paper's two-phase schedule.
 
-    >>> from agent_attention.diffusion import apply_agentsd, remove_agentsd, AgentSDSchedule
-    >>> schedule = AgentSDSchedule(switch_step=20)          # the paper: 20 of 50 steps, then ToMe
-    >>> state = apply_agentsd(pipe, schedule=schedule)       # doctest: +SKIP
-    >>> image = pipe(prompt, num_inference_steps=50, callback_on_step_end=schedule).images[0]  # doctest: +SKIP
-    >>> remove_agentsd(pipe)                                 # doctest: +SKIP
+    >>> from agent_attention.diffusion import AgentSDConfig, apply_agentsd, remove_agentsd
+    >>> state = apply_agentsd(pipe, AgentSDConfig.paper(switch=0.4))   # doctest: +SKIP
+    >>> image = pipe(prompt, num_inference_steps=50).images[0]          # doctest: +SKIP
+    >>> remove_agentsd(pipe)                                            # doctest: +SKIP
 
-``apply_agentsd`` installs an :class:`~.processor.AgentSDProcessor` on the self-attention (``attn1``)
-of every ``BasicTransformerBlock`` at the selected resolutions, through ``Attention.set_processor``,
-a forward pre-hook on each of these blocks that hands the block's input ``x`` (before ``norm1``) to
-its processor as the matching metric, and a forward pre-hook on the UNet that records the latent
-size and the denoising step of each call.  Cross-attention and the other layers keep their processors.  ``remove_agentsd`` puts the
-original processor objects back and removes the hook.  Both are idempotent.
+``apply_agentsd`` finds the denoiser(s) of a pipeline (or takes a denoiser module), picks the adapter
+of its class (``adapters/``), installs an :class:`~.processor.AgentSDProcessor` on every attention
+layer some rule of the configuration uses (``Attention.set_processor``: no class swaps), a
+:class:`~.hooks.BlockHook` on their blocks and a :class:`~.hooks.DenoiserHook` on the denoiser
+(diffusers' ``HookRegistry``).  Other layers keep their processors.  ``remove_agentsd`` puts the
+original processor objects back and removes the hooks; both are idempotent, and applying again
+replaces the configuration.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import torch
 from torch import nn
 
-from .processor import AgentSDProcessor, AgentSDSettings, AgentSDState
+from .adapters import Adapter, LayerSpec, find_adapter, supported_classes
+from .hooks import BLOCK_HOOK, DENOISER_HOOK, BlockHook, DenoiserHook, register
+from .processor import AgentSDProcessor
+from .schedule import PAPER_LATE, AgentSDConfig, Rule
+from .settings import AgentSDSettings
+from .state import AgentSDState
 
-__all__ = ["apply_agentsd", "remove_agentsd", "AgentSDSchedule", "self_attention_layers", "get_agentsd_state"]
+__all__ = ["apply_agentsd", "remove_agentsd", "AgentSDSchedule", "self_attention_layers", "get_agentsd_state",
+           "denoisers", "PAPER_LATE"]
 
 _ATTR = "_agentsd_state"
-PAPER_LATE = dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5)
+_PIPELINE_ATTRS = ("unet", "transformer")
 
 
-def _find_unet(pipe_or_unet: Any) -> nn.Module:
-    unet = getattr(pipe_or_unet, "unet", None)
-    if isinstance(unet, nn.Module):
-        return unet
-    if isinstance(pipe_or_unet, nn.Module):
-        return pipe_or_unet
-    raise TypeError(
-        "AgentSD: expected a diffusers pipeline with a `unet` or a UNet module, "
-        f"got {type(pipe_or_unet).__name__}"
-    )
+def denoisers(pipe_or_model: Any) -> List[Tuple[nn.Module, Adapter]]:
+    """``(denoiser, adapter)`` of a pipeline (its ``unet`` / ``transformer``) or of a denoiser module."""
+    if isinstance(pipe_or_model, nn.Module):
+        return [(pipe_or_model, find_adapter(pipe_or_model))]
+    found = []
+    attrs = list(_PIPELINE_ATTRS)
+    from .adapters import ADAPTERS
+
+    for adapter in ADAPTERS:
+        attrs += [a for a in adapter.denoiser_attrs if a not in attrs]
+    for attr in attrs:
+        module = getattr(pipe_or_model, attr, None)
+        if isinstance(module, nn.Module):
+            found.append((module, find_adapter(module)))
+    if not found:
+        raise TypeError(
+            "AgentSD: expected a diffusers pipeline with a `unet` or `transformer`, or a denoiser module "
+            f"({', '.join(supported_classes())}), got {type(pipe_or_model).__name__}")
+    return found
 
 
-def _is_transformer_block(module: nn.Module) -> bool:
-    return any(cls.__name__ == "BasicTransformerBlock" for cls in type(module).__mro__)
+def _find_unet(pipe_or_model: Any) -> nn.Module:
+    return denoisers(pipe_or_model)[0][0]
 
 
-def _block_levels(unet: nn.Module) -> Dict[int, int]:
-    """``id(module) -> downsampling factor`` for the modules of a UNet2DConditionModel-like UNet
-    (``down_blocks`` / ``mid_block`` / ``up_blocks``, each down block but the last halving the map
-    at its end, each up block but the last doubling it)."""
-    levels: Dict[int, int] = {}
-    if not (hasattr(unet, "down_blocks") and hasattr(unet, "up_blocks")):
-        return levels
-    factor = 1
-    for block in unet.down_blocks:
-        levels.update((id(m), factor) for m in block.modules())
-        if getattr(block, "downsamplers", None) is not None:
-            factor *= 2
-    if getattr(unet, "mid_block", None) is not None:
-        levels.update((id(m), factor) for m in unet.mid_block.modules())
-    for block in unet.up_blocks:
-        levels.update((id(m), factor) for m in block.modules())
-        if getattr(block, "upsamplers", None) is not None:
-            factor = max(1, factor // 2)
-    return levels
+def self_attention_layers(pipe_or_model: Any) -> List[Tuple[str, nn.Module, Optional[int]]]:
+    """``(name, attention module, UNet downsampling factor or None)`` of every layer AgentSD can patch."""
+    model, adapter = denoisers(pipe_or_model)[0]
+    return [(spec.name, spec.attn, spec.level) for spec in adapter.layers(model)]
 
 
-def self_attention_layers(pipe_or_unet: Any) -> List[Tuple[str, nn.Module, Optional[int]]]:
-    """``(name, attention module, downsampling factor or None)`` of every UNet self-attention that
-    AgentSD can patch: ``attn1`` of the ``BasicTransformerBlock`` s, unless it is a cross-attention
-    (``only_cross_attention``)."""
-    unet = _find_unet(pipe_or_unet)
-    levels = _block_levels(unet)
-    layers = []
-    for name, module in unet.named_modules():
-        if not _is_transformer_block(module):
-            continue
-        attn = getattr(module, "attn1", None)
-        if attn is None or getattr(attn, "is_cross_attention", False) or not hasattr(attn, "set_processor"):
-            continue
-        layers.append((f"{name}.attn1" if name else "attn1", attn, levels.get(id(attn))))
-    return layers
+def get_agentsd_state(pipe_or_model: Any) -> Optional[AgentSDState]:
+    """The :class:`AgentSDState` of a patched pipeline/denoiser, or ``None``."""
+    return getattr(_find_unet(pipe_or_model), _ATTR, None)
 
 
-def get_agentsd_state(pipe_or_unet: Any) -> Optional[AgentSDState]:
-    """The :class:`AgentSDState` of a patched pipeline/UNet, or ``None``."""
-    return getattr(_find_unet(pipe_or_unet), _ATTR, None)
+def _as_config(config: Any, schedule: Any, settings: Dict[str, Any]) -> Tuple[AgentSDConfig, Any]:
+    given = [x for x in (config, schedule) if x is not None]
+    if len(given) > 1 or (given and settings):
+        raise ValueError("apply_agentsd: pass one of a config, a schedule or settings (put the settings in the config)")
+    config = given[0] if given else AgentSDSettings().updated(**settings)
+    legacy = config if hasattr(config, "settings_for") and hasattr(config, "to_config") else None
+    if legacy is not None:
+        config = legacy.to_config()
+    if isinstance(config, (AgentSDSettings, Rule)):
+        config = AgentSDConfig((config,))
+    if not isinstance(config, AgentSDConfig):
+        raise TypeError(f"apply_agentsd: config must be an AgentSDConfig, AgentSDSettings or AgentSDSchedule, got {type(config).__name__}")
+    return config, legacy
 
 
-def _resolve_max_downsample(settings: AgentSDSettings, layers) -> int:
-    known = sorted({level for _, _, level in layers if level is not None})
-    if settings.max_downsample is None:
-        return known[0] if known else 1
-    if known and settings.max_downsample < known[0]:
-        raise ValueError(
-            f"AgentSD: max_downsample={settings.max_downsample} selects no self-attention layer; this UNet "
-            f"has self-attention at downsampling {known} (use max_downsample=None for the highest resolution)"
-        )
-    return settings.max_downsample
+def _warn_identity(config: AgentSDConfig) -> None:
+    for rule in config.rules:
+        s = rule.settings
+        if s is not None and ((s.method == "agentsd" and s.ratio == 0) or (s.method == "todo" and s.todo_factor == 1)):
+            warnings.warn(f"AgentSD: {s.method} with ratio={s.ratio}, todo_factor={s.todo_factor} reduces no token: "
+                          "these layers compute plain attention", RuntimeWarning, stacklevel=3)
 
 
-def _make_block_hook(state: AgentSDState, name: str):
-    """Forward pre-hook of a ``BasicTransformerBlock``: keep its input ``x`` (before ``norm1``) for
-    the processor of its ``attn1``, which matches the tokens on it (official ``compute_merge(x)``).
-    Only the first argument is read, so new block arguments do not matter."""
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(x, torch.Tensor):
-            state.block_inputs[name] = x
-        return None
-
-    return pre_hook
-
-
-def _parent_name(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def _set_settings(unet: nn.Module, state: AgentSDState, settings: AgentSDSettings) -> None:
-    """Make ``settings`` current and (re)install the processors on the layers it selects."""
-    layers = self_attention_layers(unet)
-    max_downsample = _resolve_max_downsample(settings, layers)
-    state.settings, state.max_downsample = settings, max_downsample
-    modules = None
-    for name, attn, level in layers:
-        current = attn.processor
-        ours = isinstance(current, AgentSDProcessor) and current.state is state
-        if level is None or level <= max_downsample:
-            if not ours:
-                state.originals.setdefault(name, current)
-                attn.set_processor(AgentSDProcessor(state, state.originals[name], name=name, level=level))
-            if name not in state.block_hooks:
-                modules = dict(unet.named_modules()) if modules is None else modules
-                block = modules[_parent_name(name)]
-                state.block_hooks[name] = block.register_forward_pre_hook(_make_block_hook(state, name), with_kwargs=True)
-            state.levels[name] = level
-        elif name in state.originals:
-            if ours:
-                attn.set_processor(state.originals[name])
-            del state.originals[name]
-            state.levels.pop(name, None)
-            _drop_block_hook(state, name)
-
-
-def _drop_block_hook(state: AgentSDState, name: str) -> None:
-    hook = state.block_hooks.pop(name, None)
-    if hook is not None:
-        hook.remove()
-    state.block_inputs.pop(name, None)
-
-
-def _timestep_value(t: Any) -> Optional[float]:
-    if isinstance(t, torch.Tensor):
-        return float(t.reshape(-1)[0]) if t.numel() else None
-    if isinstance(t, (int, float)):
-        return float(t)
-    return None
-
-
-def _new_timesteps(state: AgentSDState) -> bool:
-    """Whether the patched pipeline's scheduler holds a timesteps tensor not seen before: every
-    diffusers pipeline calls ``scheduler.set_timesteps`` (which builds a new tensor) once at the
-    start of a generation, so this marks a new generation even when the timestep does not rise
-    (one-step pipelines, img2img with a lower strength, custom timesteps)."""
-    pipe = state.pipeline() if state.pipeline is not None else None
-    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
-    if timesteps is None or timesteps is state._seen_timesteps:
-        return False
-    state._seen_timesteps = timesteps  # a reference, so the identity check can never be fooled by a reused id
-    return True
-
-
-def _make_pre_hook(state: AgentSDState):
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample")
-        if isinstance(sample, torch.Tensor) and sample.ndim >= 3:
-            state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        state.block_inputs.clear()
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        step = state.observe_timestep(_timestep_value(timestep), new_generation=_new_timesteps(state))
-        if state.schedule is not None:
-            settings = state.schedule.settings_for(step)
-            if settings != state.settings:
-                _set_settings(module, state, settings)
-        return None
-
-    return pre_hook
-
-
-def apply_agentsd(pipe_or_unet: Any, *, schedule: Optional["AgentSDSchedule"] = None, **settings: Any) -> AgentSDState:
-    """Patch a diffusers pipeline (its ``unet``) or a UNet with AgentSD; returns the shared state.
+def apply_agentsd(pipe_or_model: Any, config: Any = None, *, schedule: Any = None, **settings: Any) -> AgentSDState:
+    """Patch a diffusers pipeline (its denoiser) or a denoiser module with AgentSD; returns the state.
 
     Args:
-        pipe_or_unet: a pipeline with a ``unet`` (SD 1.x/2.x, SDXL, ...) or a ``UNet2DConditionModel``.
-        schedule: an :class:`AgentSDSchedule`; the settings then follow the denoising step.
-        **settings: the fields of :class:`~.processor.AgentSDSettings` (default: the paper's first
-            phase, ``sx=sy=4, ratio=0.4, agent_ratio=0.95, k_scale2=0.3, k_shortcut=0.075`` at the
-            highest-resolution self-attention layers).  Not allowed together with ``schedule``.
+        pipe_or_model: a pipeline with a ``unet``/``transformer`` or a supported denoiser module.
+        config: an :class:`~.schedule.AgentSDConfig` (rules: which blocks, which steps, which
+            settings), an :class:`~.settings.AgentSDSettings` (everywhere, every step) or an
+            :class:`AgentSDSchedule`.
+        schedule: the same as ``config`` (the older spelling).
+        **settings: the fields of :class:`~.settings.AgentSDSettings` (default: the paper's first
+            phase at the highest-resolution self-attention layers), instead of a config.
 
-    Calling it again replaces the settings (unspecified ones return to their defaults) and keeps
-    the original processors saved by the first call.
+    Calling it again replaces the configuration and keeps the original processors saved first.
     """
-    unet = _find_unet(pipe_or_unet)
-    if schedule is not None and settings:
-        raise ValueError("apply_agentsd: pass either settings or a schedule (put the settings in the schedule)")
-    if schedule is not None and not hasattr(schedule, "settings_for"):
-        raise TypeError(f"apply_agentsd: schedule must have settings_for(step), got {type(schedule).__name__}")
-    new = schedule.settings_for(0) if schedule is not None else AgentSDSettings().updated(**settings)
-    if not self_attention_layers(unet):
-        raise ValueError(f"AgentSD: {type(unet).__name__} has no BasicTransformerBlock self-attention to patch")
-    state = getattr(unet, _ATTR, None)
+    config, legacy = _as_config(config, schedule, settings)
+    _warn_identity(config)
+    states = [_install(model, adapter, config, legacy, pipe_or_model) for model, adapter in denoisers(pipe_or_model)]
+    return states[0]
+
+
+def _install(model: nn.Module, adapter: Adapter, config: AgentSDConfig, legacy: Any, owner: Any) -> AgentSDState:
+    layers = adapter.layers(model)
+    if not layers:
+        raise ValueError(f"AgentSD: {type(model).__name__} has no attention layer to patch")
+    num_blocks = max(spec.index for spec in layers) + 1
+    config.check_blocks(num_blocks)
+    used = {}
+    for spec in layers:  # a layer is patched if some rule may turn it on (adapter.selects raises on bad levels)
+        settings = [r.settings for r in config.rules if r.settings is not None and spec.index in _blocks(r, num_blocks)]
+        if any(adapter.selects(spec, s, layers) for s in settings):
+            used[spec.name] = spec
+    if not used:
+        raise ValueError(f"AgentSD: this configuration selects none of the {len(layers)} attention layers of {type(model).__name__}")
+    state = getattr(model, _ATTR, None)
     if state is None:
-        state = AgentSDState(settings=new)
-        state.hook = unet.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
-        setattr(unet, _ATTR, state)
-    state.schedule = schedule
-    if unet is not pipe_or_unet:
-        _remember_pipeline(state, pipe_or_unet)
-    _set_settings(unet, state, new)
+        first = next(r.settings for r in config.rules if r.settings is not None)
+        state = AgentSDState(settings=first)
+        state.model = weakref.ref(model)
+        state.adapter = adapter
+        setattr(model, _ATTR, state)
+    state.config, state.schedule = config, legacy
+    state.num_blocks = num_blocks
+    if model is not owner:
+        _remember_pipeline(state, owner)
+    modules = None
+    for spec in layers:
+        ours = state.processors.get(spec.name)
+        if spec.name in used:
+            if ours is None:
+                state.originals[spec.name] = spec.attn.processor
+                ours = AgentSDProcessor(state, spec.attn.processor, layer=spec, adapter=adapter)
+                spec.attn.set_processor(ours)
+                state.processors[spec.name] = ours
+        elif ours is not None:
+            _restore(state, spec.name, spec.attn)
+    state.layers = dict(used)
+    state.levels = {name: spec.level for name, spec in used.items()}
+    blocks = {spec.block for spec in used.values()}
+    for block in set(state.block_hooks) - blocks:
+        state.block_hooks.pop(block).remove()
+    for block in sorted(blocks - set(state.block_hooks)):
+        modules = dict(model.named_modules()) if modules is None else modules
+        state.block_hooks[block] = register(modules[block], BlockHook(state, block, adapter), BLOCK_HOOK)
+    if state.hook is None:
+        state.hook = register(model, DenoiserHook(state, adapter, update_active), DENOISER_HOOK)
+    state._active_key = None
+    update_active(model, state)
     return state
+
+
+def _blocks(rule: Rule, num_blocks: int):
+    from .schedule import select_blocks
+
+    return select_blocks(rule.blocks, num_blocks)
+
+
+def update_active(model: nn.Module, state: AgentSDState) -> None:
+    """Select each patched layer's settings for the current step (once per step)."""
+    key = (state.step, state.num_steps)
+    if key == state._active_key:
+        return
+    state._active_key = key
+    specs = list(state.layers.values())
+    first = None
+    for spec in specs:
+        s = state.config.settings_for(state.step, state.num_steps, spec.index, state.num_blocks)
+        if s is not None and not state.adapter.selects(spec, s, specs):
+            s = None
+        state.active[spec.name] = s
+        first = first or s
+    if first is not None:
+        state.settings = first
+    if hasattr(state.adapter, "max_downsample"):
+        state.max_downsample = state.adapter.max_downsample(state.settings, [s.level for s in specs])
+
+
+def _restore(state: AgentSDState, name: str, attn: nn.Module) -> None:
+    ours = state.processors.pop(name, None)
+    original = state.originals.pop(name, None)
+    if ours is not None and attn.processor is ours:
+        attn.set_processor(original)
+    state.active.pop(name, None)
 
 
 def _remember_pipeline(state: AgentSDState, pipe: Any) -> None:
@@ -229,37 +205,36 @@ def _remember_pipeline(state: AgentSDState, pipe: Any) -> None:
         state.pipeline = None
 
 
-def remove_agentsd(pipe_or_unet: Any) -> None:
-    """Restore the original processor objects and remove the hook (no-op if not patched)."""
-    unet = _find_unet(pipe_or_unet)
-    state = getattr(unet, _ATTR, None)
-    if state is None:
-        return
-    modules = dict(unet.named_modules())
-    for name, original in state.originals.items():
-        attn = modules.get(name)
-        if attn is not None and isinstance(attn.processor, AgentSDProcessor) and attn.processor.state is state:
-            attn.set_processor(original)
-    for name in list(state.block_hooks):
-        _drop_block_hook(state, name)
-    state.originals.clear()
-    state.levels.clear()
-    if state.hook is not None:
-        state.hook.remove()
-        state.hook = None
-    delattr(unet, _ATTR)
+def remove_agentsd(pipe_or_model: Any) -> None:
+    """Restore the original processor objects and remove the hooks (no-op if not patched)."""
+    for model, _ in denoisers(pipe_or_model):
+        state = getattr(model, _ATTR, None)
+        if state is None:
+            continue
+        for name, spec in list(state.layers.items()):
+            _restore(state, name, spec.attn)
+        for block in list(state.block_hooks):
+            state.block_hooks.pop(block).remove()
+        state.block_inputs.clear()
+        state.layers.clear()
+        state.levels.clear()
+        if state.hook is not None:
+            state.hook.remove()
+            state.hook = None
+        delattr(model, _ATTR)
 
 
 class AgentSDSchedule:
-    """Settings that change at a denoising step: ``early`` before ``switch_step``, ``late`` after.
+    """Settings that change at a denoising step: ``early`` before ``switch_step``, ``late`` after
+    (the paper's schedule; :meth:`AgentSDConfig.paper` is the same with step fractions).
 
     Defaults are the paper's: ``sx=sy=4, ratio=0.4, agent_ratio=0.95`` for steps 0-19, then
     ``sx=sy=2, ratio=0.4, agent_ratio=0.5`` (agents then fail the size condition: plain ToMe).
-    ``early`` overrides the :class:`~.processor.AgentSDSettings` defaults; ``late`` overrides
+    ``early`` overrides the :class:`~.settings.AgentSDSettings` defaults; ``late`` overrides
     ``early`` (so e.g. ``early=dict(attn_precision="fp32")`` holds in both phases).
 
-    Use it with ``apply_agentsd(pipe, schedule=schedule)`` (the UNet pre-hook counts the steps from
-    the timesteps) and, for the pipeline's exact step index, also as
+    Use it with ``apply_agentsd(pipe, schedule)`` (the denoiser hook counts the steps from the
+    timesteps) and, for the pipeline's exact step index, also as
     ``pipe(..., callback_on_step_end=schedule)``.  ``settings_for(step)`` works standalone.
     """
 
@@ -279,6 +254,11 @@ class AgentSDSchedule:
         """The settings of denoising step ``step`` (0-based)."""
         return self.early if step < self.switch_step else self.late
 
+    def to_config(self) -> AgentSDConfig:
+        if self.switch_step == 0:
+            return AgentSDConfig((Rule(self.late),))
+        return AgentSDConfig((Rule(self.early, steps=(0, self.switch_step)), Rule(self.late, steps=(self.switch_step, None))))
+
     def phases(self) -> Iterator[Tuple[int, AgentSDSettings]]:
         """``(first step, settings)`` of each phase."""
         yield 0, self.early
@@ -286,18 +266,17 @@ class AgentSDSchedule:
 
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """``callback_on_step_end``: after step ``step``, select the settings of step ``step + 1``."""
-        unet = _find_unet(pipe)
-        state = getattr(unet, _ATTR, None)
-        if state is None:
-            raise RuntimeError("AgentSDSchedule: AgentSD is not applied; call apply_agentsd(pipe, schedule=schedule) first")
-        state.schedule = self
-        if state.pipeline is None and pipe is not unet:
-            _remember_pipeline(state, pipe)
-        state._callback_step = state.step = step + 1
-        total = getattr(pipe, "num_timesteps", None)
-        if isinstance(total, int) and step + 1 >= total:  # the generation is over
-            state.new_generation()
-        settings = self.settings_for(step + 1)
-        if settings != state.settings:
-            _set_settings(unet, state, settings)
+        for model, _ in denoisers(pipe):
+            state = getattr(model, _ATTR, None)
+            if state is None:
+                raise RuntimeError("AgentSDSchedule: AgentSD is not applied; call apply_agentsd(pipe, schedule) first")
+            if state.schedule is not self:
+                state.schedule, state.config = self, self.to_config()
+            if state.pipeline is None and pipe is not model:
+                _remember_pipeline(state, pipe)
+            state._callback_step = state.step = step + 1
+            total = getattr(pipe, "num_timesteps", None)
+            if isinstance(total, int) and step + 1 >= total:  # the generation is over
+                state.new_generation()
+            update_active(model, state)
         return callback_kwargs

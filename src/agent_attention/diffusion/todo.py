@@ -23,9 +23,10 @@ from torch import Tensor, nn
 __all__ = ["pool_tokens", "pooled_size", "project", "todo_factor_for_ratio"]
 
 
-def pooled_size(hw: Tuple[int, int], fy: float, fx: float) -> Tuple[int, int]:
-    h, w = hw
-    return max(1, round(h / fy)), max(1, round(w / fx))
+def pooled_size(hw: Tuple[int, ...], fy: float, fx: float, ft: float = 1.0) -> Tuple[int, ...]:
+    """The grid ``hw`` (``(h, w)`` or ``(t, h, w)``) pooled by ``fy``, ``fx`` (and ``ft`` in time)."""
+    factors = (fy, fx) if len(hw) == 2 else (ft, fy, fx)
+    return tuple(max(1, round(n / f)) for n, f in zip(hw, factors))
 
 
 def todo_factor_for_ratio(ratio: float) -> float:
@@ -35,18 +36,19 @@ def todo_factor_for_ratio(ratio: float) -> float:
     return (1.0 - ratio) ** -0.5
 
 
-def pool_tokens(x: Tensor, hw: Tuple[int, int], out_hw: Tuple[int, int]) -> Tensor:
-    """Average-pool the tokens ``x`` (B, h·w, C) of a row-major grid to ``out_hw``: (B, h'·w', C)."""
+def pool_tokens(x: Tensor, hw: Tuple[int, ...], out_hw: Tuple[int, ...]) -> Tensor:
+    """Average-pool the tokens ``x`` (B, N, C) of a row-major grid ``hw`` (``(h, w)`` or
+    ``(t, h, w)``) to ``out_hw``: (B, prod(out_hw), C)."""
     B, N, C = x.shape
-    h, w = hw
-    if tuple(out_hw) == (h, w):
+    hw, out_hw = tuple(hw), tuple(out_hw)
+    if out_hw == hw:
         return x
-    grid = x.transpose(1, 2).reshape(B, C, h, w)  # a channels-last view: no copy
-    if h % out_hw[0] == 0 and w % out_hw[1] == 0:
-        k = (h // out_hw[0], w // out_hw[1])
-        pooled = F.avg_pool2d(grid, k, stride=k)
+    grid = x.transpose(1, 2).reshape(B, C, *hw)  # a channels-last view: no copy
+    if all(n % m == 0 for n, m in zip(hw, out_hw)):
+        k = tuple(n // m for n, m in zip(hw, out_hw))
+        pooled = (F.avg_pool2d if len(hw) == 2 else F.avg_pool3d)(grid, k, stride=k)
     else:
-        pooled = F.adaptive_avg_pool2d(grid, out_hw)
+        pooled = (F.adaptive_avg_pool2d if len(hw) == 2 else F.adaptive_avg_pool3d)(grid, out_hw)
     return pooled.flatten(2).transpose(1, 2)
 
 
