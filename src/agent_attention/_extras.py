@@ -7,6 +7,7 @@ needs only torch, torchvision, timm, safetensors, numpy, pyyaml and tqdm. Others
     pip install "agent-attention[viz]"     # matplotlib, scikit-image (``show``'s sample photo)
     pip install "agent-attention[bench]"   # matplotlib (benchmark plots)
     pip install "agent-attention[cli]"     # all three: every command of ``agent-attention``
+    pip install "agent-attention[quality]" # torchmetrics, torch-fidelity (``sd-eval``: FID, CLIP score)
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ EXTRAS = {
     "sklearn": ("scikit-learn", "train"),
     "matplotlib": ("matplotlib", "viz"),
     "skimage": ("scikit-image", "viz"),
+    "torchmetrics": ("torchmetrics", "quality"),
+    "torch_fidelity": ("torch-fidelity", "quality"),
 }
 
 

@@ -25,6 +25,8 @@ COMMANDS = {
     "train-det": ("agent_attention.commands.train_det", "main", "train/evaluate a detector with an agent backbone"),
     "train-seg": ("agent_attention.commands.train_seg", "main", "train/evaluate a segmenter with an agent backbone"),
     "sd": ("agent_attention.commands.sd", "main", "generate images with a local diffusers model, with and without AgentSD"),
+    "sd-eval": ("agent_attention.commands.sd_eval", "main",
+                "AgentSD vs the unpatched model on a prompt list: s/image, memory/image, FID, CLIP score"),
     "bench": ("agent_attention.commands.bench", "main", "benchmarks: 'bench op', 'bench models', 'bench sd'"),
     "show": ("agent_attention.commands.show", "main", "draw what the agents of a block look at over an image"),
 }

@@ -212,6 +212,9 @@ def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) ->
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent-attention bench sd", description=common.description(__doc__))
+    p.add_argument("--model", choices=("unet", "pixart", "sd3", "flux", "wan"), default="unet",
+                   help="unet: SD-1.5 (this page's options); pixart, sd3, flux, wan: diffusion transformers at their "
+                        "released widths (see bench sd --model flux --help)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sizes (latent = size/8); e.g. 512 1024")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5],
                    help="token merging ratios (default 0.1 0.2 0.3 0.4 0.5)")
@@ -230,7 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dit_model(argv: Sequence[str]) -> Optional[str]:
+    """The value of ``--model`` if it names a diffusion transformer (``bench.sd_dit``)."""
+    from .sd_dit import SPECS
+
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--model" and i + 1 < len(argv) else a[len("--model="):] if a.startswith("--model=") else None
+        if value in SPECS:
+            return value
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _dit_model(argv):  # PixArt, SD3, Flux, Wan: reduced transformers at the released widths
+        from .sd_dit import main as dit_main
+
+        return dit_main(argv)
     args = build_parser().parse_args(argv)
     if args.schedule and "agentsd-late" not in args.methods:
         args.methods.append("agentsd-late")

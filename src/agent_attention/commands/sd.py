@@ -1,5 +1,5 @@
 """``agent-attention sd``: generate with a local diffusers model, without and with AgentSD, and save
-the two images side by side.
+the images side by side (same seeds).
 
     agent-attention sd --model ./stable-diffusion-v1-5 --prompt "a photo of a corgi" --steps 50
 
@@ -10,34 +10,29 @@ The model directory is loaded with ``DiffusionPipeline.from_pretrained(path, loc
 from __future__ import annotations
 
 import argparse
-import time
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from .._atomic import atomic_path
 from ._dispatch import UsageError, command, usage_errors
+from ._sd_pipe import DTYPES, generate, grid, load_pipeline, model_dir, resolve_device, save_png, side_by_side
 
 __all__ = ["main", "build_parser", "side_by_side"]
 
 PROG = "agent-attention sd"
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", "'"))
+def add_generation_options(p: argparse.ArgumentParser, *, steps: int = 50) -> None:
+    """Options shared by ``sd`` and ``sd-eval``: the pipeline, how to call it, AgentSD's schedule."""
     p.add_argument("--model", required=True, help="local diffusers pipeline directory (model_index.json)")
-    p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None, help="negative text prompt (default: none)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
     p.add_argument("--switch-step", type=int, default=None,
                    help="step where the schedule switches to its second phase (default: 40%% of --steps, 20 of 50)")
     p.add_argument("--no-schedule", action="store_true", help="keep the first-phase settings for every step")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same for both images)")
+    p.add_argument("--frames", type=int, default=None, help="video pipelines: number of frames (default: the pipeline's)")
     p.add_argument("--ratio", type=float, default=0.4, help="token merging ratio (both phases)")
     p.add_argument("--agent-ratio", type=float, default=0.95, help="agent merging ratio of the first phase")
     p.add_argument("--late-agent-ratio", type=float, default=0.5, help="agent merging ratio of the second phase")
@@ -46,61 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-precision", choices=("auto", "fp32", "native"), default="auto",
                    help="'fp32' for SD 2.x in half precision; 'auto' follows the model's upcast_attention")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--warmup", type=int, default=1, help="untimed 1-step generations before timing (default 1)")
-    p.add_argument("--out", default="agentsd.png", help="output PNG (left: baseline, right: AgentSD)")
-    return p
 
 
-def side_by_side(images, labels: Optional[List[str]] = None):
-    """Paste PIL images left to right (with optional captions) into one image."""
-    from PIL import Image, ImageDraw
+def schedule_from_args(args: argparse.Namespace):
+    """``(AgentSDSchedule, switch step)`` of the command line (usage errors for bad settings)."""
+    from ..diffusion.patch import PAPER_LATE, AgentSDSchedule
 
-    caption = 14 if labels else 0
-    width = sum(im.width for im in images)
-    height = max(im.height for im in images) + caption
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for i, im in enumerate(images):
-        canvas.paste(im.convert("RGB"), (x, caption))
-        if labels:
-            draw.text((x + 2, 1), labels[i], fill="black")
-        x += im.width
-    return canvas
-
-
-def _save_png(image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-@command(PROG)
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise UsageError(f"--model {model} is not a local diffusers pipeline directory (no model_index.json)")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a directory; give a .png file name")
-
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from ..diffusion.patch import PAPER_LATE, AgentSDSchedule, apply_agentsd, remove_agentsd
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    dtype = getattr(torch, _DTYPES[dtype_name])
-    with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones only know torch_dtype
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=dtype).to(device)
-    if getattr(pipe, "unet", None) is None:
-        raise UsageError(f"{type(pipe).__name__} has no UNet; AgentSD patches UNet self-attention")
-    pipe.set_progress_bar_config(disable=True)
-
     precision = None if args.attn_precision == "auto" else args.attn_precision
     early = dict(ratio=args.ratio, agent_ratio=args.agent_ratio, max_downsample=args.max_downsample, attn_precision=precision)
     switch = args.switch_step if args.switch_step is not None else round(0.4 * args.steps)
@@ -108,37 +58,85 @@ def main(argv: Optional[List[str]] = None) -> int:
         switch = args.steps
     late = dict(PAPER_LATE, ratio=args.ratio, agent_ratio=args.late_agent_ratio)
     with usage_errors():
-        schedule = AgentSDSchedule(switch_step=switch, early=early, late=late)
+        return AgentSDSchedule(switch_step=switch, early=early, late=late), switch
 
-    def generate(steps: int, callback=None):
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        kwargs = dict(num_inference_steps=steps, guidance_scale=args.guidance, generator=generator,
-                      negative_prompt=args.negative_prompt, height=args.height, width=args.width)
-        if callback is not None:
-            kwargs["callback_on_step_end"] = callback
-        start = time.perf_counter()
-        image = pipe(args.prompt, **kwargs).images[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return image, time.perf_counter() - start
 
-    for _ in range(max(0, args.warmup)):
-        generate(1)
-    baseline, t_base = generate(args.steps)
-    state = apply_agentsd(pipe, schedule=schedule)
+def call_options(args: argparse.Namespace) -> dict:
+    """Pipeline call arguments of the command line (those a pipeline does not take are dropped)."""
+    return dict(guidance_scale=args.guidance, negative_prompt=args.negative_prompt, height=args.height,
+                width=args.width, num_frames=args.frames)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", "'"))
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same for both images)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: one row of images per seed")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also generate without AgentSD (same seeds) and save both side by side (default); "
+                        "--no-compare saves the AgentSD images only")
+    add_generation_options(p)
+    p.add_argument("--out", default="agentsd.png",
+                   help="output PNG (left: baseline, right: AgentSD; one row per seed; a video: first, middle, last frame)")
+    return p
+
+
+@command(PROG)
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = model_dir(args.model)
+    schedule, switch = schedule_from_args(args)
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a directory; give a .png file name")
+    seeds = args.seeds if args.seeds else [args.seed]
+
+    from ..diffusion.patch import apply_agentsd, remove_agentsd
+
+    with usage_errors():
+        device, dtype, dtype_name = resolve_device(args.device, args.dtype)
+    pipe = load_pipeline(model, device, dtype)
+
+    options = call_options(args)
+
+    def run(steps: int, seed: int, callback=None):
+        return generate(pipe, args.prompt, seed=seed, steps=steps, device=device, callback=callback, **options)
+
+    baselines, t_base = [], 0.0
+    if args.compare:
+        for _ in range(max(0, args.warmup)):
+            run(1, seeds[0])
+        for seed in seeds:
+            images, seconds = run(args.steps, seed)
+            baselines.append(images[0])
+            t_base += seconds
+    with usage_errors():  # an unsupported denoiser is a one-line error naming the supported ones
+        state = apply_agentsd(pipe, schedule=schedule)
+    agentsd, t_agent = [], 0.0
     try:
         for _ in range(max(0, args.warmup)):
-            generate(1, schedule)
+            run(1, seeds[0], schedule)
         state.calls.clear()
-        agentsd, t_agent = generate(args.steps, schedule)
+        for seed in seeds:
+            images, seconds = run(args.steps, seed, schedule)
+            agentsd.append(images[0])
+            t_agent += seconds
     finally:
         remove_agentsd(pipe)
 
     out = Path(args.out)
-    _save_png(side_by_side([baseline, agentsd], ["baseline", "AgentSD"]), out)
+    if args.compare:
+        save_png(grid([[b, a] for b, a in zip(baselines, agentsd)], ["baseline", "AgentSD"]), out)
+    else:
+        save_png(grid([[a] for a in agentsd]), out)
     print(f"model: {model} ({type(pipe).__name__}, {device}, {dtype_name}), {args.steps} steps, "
-          f"schedule switch at step {switch}")
-    print(f"baseline: {t_base:.2f} s   AgentSD: {t_agent:.2f} s   speed-up x{t_base / max(t_agent, 1e-9):.2f}")
+          f"schedule switch at step {switch}, seeds {seeds}")
+    if args.compare:
+        print(f"baseline: {t_base / len(seeds):.2f} s   AgentSD: {t_agent / len(seeds):.2f} s per image   "
+              f"speed-up x{t_base / max(t_agent, 1e-9):.2f}")
+    else:
+        print(f"AgentSD: {t_agent / len(seeds):.2f} s per image")
     print(f"AgentSD attention calls: {dict(state.calls)}")
+    if not any(k.startswith(("agent", "tome", "todo")) for k in state.calls):
+        print("warning: no attention call used AgentSD (every call went to the stock processor)")
     print(f"saved {out}")
     return 0

@@ -86,6 +86,9 @@ class AgentSDProcessor:
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None, **kwargs: Any) -> Any:
         state = self.state
+        rotary_arg = getattr(self.adapter, "rotary_arg", None)
+        if rotary_arg and temb is not None:  # Flux/Wan layers pass their rotary embedding 4th, not a temb
+            kwargs[rotary_arg], temb = temb, None
         settings = state.settings_of(self.name)
         layer = self.layer or LayerSpec(self.name, attn, "", 0, "self", self.level)
         call = None

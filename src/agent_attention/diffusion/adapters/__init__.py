@@ -8,13 +8,15 @@ from __future__ import annotations
 from typing import Any, List
 
 from .base import Adapter, Call, LayerSpec
+from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .wan import WanAdapter
 
 __all__ = ["Adapter", "Call", "LayerSpec", "ADAPTERS", "find_adapter", "register_adapter", "supported_classes"]
 
-ADAPTERS: List[Adapter] = [UNetAdapter(), PixArtAdapter(), SD3Adapter()]
+ADAPTERS: List[Adapter] = [UNetAdapter(), PixArtAdapter(), SD3Adapter(), FluxAdapter(), WanAdapter()]
 
 
 def register_adapter(adapter: Adapter) -> Adapter:

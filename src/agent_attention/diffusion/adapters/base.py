@@ -68,6 +68,9 @@ class Adapter:
     denoiser_attrs: Tuple[str, ...] = ("transformer",)
     sample_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
+    #: name of the layer processor's 4th positional argument when it is not ``temb`` (Flux passes its
+    #: ``image_rotary_emb`` there, Wan its ``rotary_emb``); the processor hands it to :meth:`prepare` in ``kwargs``
+    rotary_arg: Optional[str] = None
 
     # ------------------------------------------------------------- the denoiser
     def matches(self, model: Any) -> bool:
