@@ -8,11 +8,18 @@ with ``forward_intermediates``) as a feature extractor with the official downstr
   of stage ``i`` (the module ``feature_info[i]["module"]``) pools its agents to ``agent_shapes[i]``
   (``"official"``: the model's ``downstream_agent_shapes``); the agent biases keep their
   classification shapes and are resized at run time, so ImageNet checkpoints load unchanged;
-* **the model's downstream window rule** (``set_downstream_windows()``, e.g. Swin shifts every odd
-  window block) and **output norms** ``norm0..norm3`` (LayerNorm of each stage output, fresh init;
-  by default for models with a downstream window rule, as the official Swin);
+* **the model's downstream window rule** (``set_downstream_windows()``; Swin: every window block
+  computes as the official mmdet / mmseg block — full 7×7 windows at any map size, odd blocks
+  shifted, the normalised map zero-padded to a multiple of the window with the padded tokens taking
+  part in attention, the shift mask of the padded map) and **output norms** ``norm0..norm3``
+  (LayerNorm of each stage output, fresh init; by default for models with a downstream window rule,
+  as the official Swin);
 * **any input size**: the image is padded right/bottom to a multiple of ``size_divisor`` (32 = the
-  coarsest stride), so every stage map is exactly ``ceil(H / stride)``;
+  coarsest stride, as the official detection pipeline pads), so every stage map is exactly
+  ``ceil(H / stride)``; ``size_divisor=1`` leaves the size alone (official segmentation: the patch
+  embedding pads to 4, patch merging pads odd maps);
+* **official downstream checkpoints**: :meth:`load_official_state_dict` loads the ``backbone.``
+  entries of a released mmdet / mmseg file (same layout, ``norm{i}`` output norms);
 * **classification weights**: a checkpoint of the classifier (official ``.pth``, ours, safetensors)
   is read with the project's safe loader, checked against the classifier (``strict``), loaded, and
   the classification-only parts (head, final norm) are then dropped. :attr:`load_report` says
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import torch.nn.functional as F
@@ -127,7 +134,7 @@ class AgentBackbone(nn.Module):
             ``downstream_output_norms``, True for Swin as official).
         size_divisor: pad inputs right/bottom to a multiple of this.
         downstream_windows: apply the model's downstream window rule (``set_downstream_windows``;
-            official downstream Swin shifts odd window blocks everywhere).
+            the official downstream Swin window blocks); ``False`` keeps the classifier's blocks.
         **model_kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, tiny dims …).
     """
 
@@ -178,6 +185,25 @@ class AgentBackbone(nn.Module):
                 fresh += [f"norm{i}.weight", f"norm{i}.bias"]
         self.load_report["fresh"] = fresh
 
+    @staticmethod
+    def official_key(key: str) -> str:
+        """Our key of an official downstream backbone entry (mmdet / mmseg ``backbone.`` prefix
+        removed): the output norms ``norm{i}`` keep their names, the rest lives in the timm model."""
+        return key if re.match(r"norm\d+\.", key) else "body.model." + key
+
+    def load_official_state_dict(self, state: Mapping[str, Tensor], strict: bool = True):
+        """Load an official downstream backbone state dict (keys without the ``backbone.`` prefix);
+        ``strict``: the keys must be exactly ours (one-line error naming the first few otherwise)."""
+        mapped = {self.official_key(k): v for k, v in state.items()}
+        if strict:
+            own = self.state_dict()
+            missing, unexpected = sorted(set(own) - set(mapped)), sorted(set(mapped) - set(own))
+            bad = [k for k in set(own) & set(mapped) if tuple(own[k].shape) != tuple(mapped[k].shape)]
+            if missing or unexpected or bad:
+                raise ValueError(f"backbone {self.name}: the state dict does not fit (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}, other shapes {sorted(bad)[:3]})")
+        return self.load_state_dict(mapped, strict=strict)
+
     def pad(self, x: Tensor) -> Tensor:
         """Zero-pad right/bottom to a multiple of :attr:`size_divisor`."""
         d = self.size_divisor
@@ -199,7 +225,7 @@ class AgentBackbone(nn.Module):
         s = (f"backbone {self.name}: channels {self.out_channels}, strides {self.strides}, agent shapes {shapes} "
              f"({sum(self.agent_modules.values())} agent modules)")
         if self.shifted_blocks:
-            s += f", {self.shifted_blocks} window blocks shifted (downstream rule)"
+            s += f", downstream window blocks ({self.shifted_blocks} newly shifted)"
         if r.get("checkpoint"):
             s += f"; loaded {r['loaded']} tensors from {r['checkpoint']}, dropped {len(r['dropped'])} classification-only"
         else:

@@ -50,6 +50,7 @@ class AgentSwinBlock(nn.Module):
         self.dim, self.num_heads, self.agent = dim, num_heads, agent
         self.input_resolution: HW = tuple(input_resolution)
         self.global_attn = False
+        self.downstream = False  # official downstream window computation (set_downstream_window)
         if min(self.input_resolution) <= window_size:  # official rule: the window covers the map
             shift_size, window_size = 0, min(self.input_resolution)
             self.global_attn = agent  # agent blocks then attend over the whole (actual) map
@@ -72,14 +73,24 @@ class AgentSwinBlock(nn.Module):
         self.register_buffer("attn_mask", mask)  # persistent, as in the official checkpoints
         self._mask_cache: Dict[tuple, Optional[Tensor]] = {}
 
-    def set_downstream_window(self) -> bool:
-        """Official downstream rule: an odd window block shifts by half its window even where the
-        classifier's window covers the map; True if this block changed."""
-        if self.agent or self.shift_size or self.window_size // 2 == 0:
+    def set_downstream_window(self, shift: bool) -> bool:
+        """Switch a window block to the official downstream computation; True if it now shifts and
+        did not before.
+
+        The official downstream block (mmdet / mmseg ``SwinTransformerBlock``) differs from the
+        classifier's: the window is never capped at the map, ``shift`` blocks (the odd ones) shift by
+        half the window whatever the map size, the normalised map is zero-padded to a multiple of
+        the window and the padded tokens take part in attention (no key mask), and the shift mask
+        labels the regions of the *padded* map (0 / -100). Written here because no library block
+        computes this. Agent blocks are unchanged (they attend over the whole map)."""
+        if self.agent:
             return False
-        self.shift_size = self.window_size // 2
-        self.attn_mask = None  # computed for the actual map size at run time
-        return True
+        self.downstream = True
+        self.attn_mask = None  # computed for the actual map size at run time (not in the downstream layout)
+        self._mask_cache.clear()
+        changed = bool(shift and not self.shift_size and self.window_size // 2)
+        self.shift_size = self.window_size // 2 if shift else 0
+        return changed
 
     def _geometry(self, hw: HW) -> Tuple[HW, HW, HW]:
         """(window, shift, padded size) for an actual map ``hw``.
@@ -88,6 +99,8 @@ class AgentSwinBlock(nn.Module):
         with a dynamic size in that range they are constants of the graph (no size guard)."""
         H, W = hw
         ws, s = self.window_size, self.shift_size
+        if self.downstream:  # official downstream: full window and shift at every map size
+            return (ws, ws), (s, s), (round_up(H, ws), round_up(W, ws))
         # decided on provable bounds first: under a dynamic export the window and shift stay ints
         win = tuple(ws if known_true(n >= ws) else min(ws, n) for n in hw)
         shift = tuple(s if s and (known_true(n > ws) or (n > w)) else 0 for n, w in zip(hw, win))
@@ -125,7 +138,9 @@ class AgentSwinBlock(nn.Module):
             pad = None if pad is None else pad.repeat(B, 1)
             out = self.attn(windows, win, key_padding_mask=pad)
         else:
-            out = self.attn(windows, win, self._mask(hw, win, shift, padded, x), images=B)
+            # downstream: the padding is not masked, the shift mask is that of the padded map
+            mask_hw = padded if self.downstream else hw
+            out = self.attn(windows, win, self._mask(mask_hw, win, shift, padded, x), images=B)
         x = window_reverse(out, win, padded)
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
@@ -222,8 +237,8 @@ class AgentSwinStage(nn.Module):
         self.downsample = PatchMerging(dim=dim, norm_layer=norm_layer) if downsample else None
 
     def set_downstream_windows(self) -> int:
-        """Shift every odd window block (official downstream Swin); returns how many changed."""
-        return sum(blk.set_downstream_window() for j, blk in enumerate(self.blocks) if j % 2 == 1)
+        """Official downstream window blocks, odd ones shifted; returns how many started shifting."""
+        return sum(blk.set_downstream_window(shift=j % 2 == 1) for j, blk in enumerate(self.blocks))
 
     def forward_blocks(self, x: Tensor, hw: HW) -> Tensor:
         return run_blocks(self.blocks, x, hw, self.grad_checkpointing)
@@ -332,8 +347,9 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
 
     @torch.jit.ignore
     def set_downstream_windows(self) -> int:
-        """Official downstream Swin: shift every odd window block everywhere (the downstream model
-        never caps the window at the map); returns how many blocks changed."""
+        """Official downstream Swin (the mmdet / mmseg backbone): every window block computes as the
+        official downstream block (see :meth:`AgentSwinBlock.set_downstream_window`), odd ones
+        shifted; returns how many blocks started shifting."""
         return sum(layer.set_downstream_windows() for layer in self.layers)
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
