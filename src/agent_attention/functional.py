@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._grids import tracing
+from .bias_factors import GridBias
 
-__all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps", "fused", "fused_enabled", "path"]
+__all__ = ["agent_attention", "agent_attention_math", "agent_feature_maps", "fused", "fused_enabled", "path",
+           "current_path"]
 
 _state = threading.local()
 
@@ -85,8 +87,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias, q
     for name, bias, target in (("agent_bias", agent_bias, (B, h, n, M)), ("query_bias", query_bias, (B, h, N, n))):
         if bias is None:
             continue
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"agent_attention: {name} must be a tensor or None, got {type(bias).__name__}")
+        if isinstance(bias, GridBias):
+            if bias.kind != name.split("_")[0]:
+                raise ValueError(f"agent_attention: {name} got a GridBias of kind {bias.kind!r}")
+        elif not isinstance(bias, Tensor):
+            raise TypeError(f"agent_attention: {name} must be a tensor, a GridBias or None, got {type(bias).__name__}")
         if not bias.is_floating_point():
             raise TypeError(
                 f"agent_attention: {name} must be a floating-point additive bias, got {bias.dtype} "
@@ -157,6 +162,8 @@ def agent_attention(
         agent_bias: additive bias of the agent → key logits, broadcastable to ``(B, h, n, M)``
             (e.g. ``(1, h, n, M)``: one bias for the whole batch).
         query_bias: additive bias of the query → agent logits, broadcastable to ``(B, h, N, n)``.
+            Either bias may also be a factored :class:`~agent_attention.bias_factors.GridBias`
+            (evaluated per logit on the ``flex`` path, materialised on the others).
         scale: logit scale ``s`` of the first softmax; default ``d ** -0.5``.
         query_scale: logit scale of the second softmax; default ``scale``. AgentSD uses
             ``s ** k_scale2``.
@@ -176,6 +183,12 @@ def agent_attention(
     d = q.shape[-1]
     s = d ** -0.5 if scale is None else float(scale)
     s2 = s if query_scale is None else float(query_scale)
+    if current_path() == "flex" and dropout_p == 0:  # FlexAttention has no dropout: the other paths keep it
+        from ._flex import flex_agent_attention, flex_runs
+
+        if flex_runs(q, k, v, agents, agent_bias, query_bias):
+            return flex_agent_attention(q, k, v, agents, agent_bias, query_bias, key_padding_mask, s, s2)
+    agent_bias, query_bias = _dense(agent_bias), _dense(query_bias)
     mask1 = _agent_mask(agent_bias, key_padding_mask, q.dtype)
     mask2 = None if query_bias is None else query_bias.to(q.dtype)
     if agents.stride(-1) != 1:  # the fused kernels need a unit-stride head dim (a small n × d copy)
@@ -191,16 +204,34 @@ def agent_attention(
     return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=mask2, dropout_p=dropout_p, scale=s2)
 
 
-_PATHS = ("auto", "sdpa", "gemm")
+_PATHS = ("auto", "sdpa", "gemm", "flex")
+
+
+def _dense(bias):
+    """A factored :class:`~agent_attention.bias_factors.GridBias` as its dense tensor (other biases as they are)."""
+    return bias.materialize() if isinstance(bias, GridBias) else bias
+
+
+def current_path() -> str:
+    """The kernel choice of :func:`agent_attention` in this thread (see :func:`path`)."""
+    return getattr(_state, "path", "auto")
 
 
 @contextlib.contextmanager
 def path(name: str = "auto") -> Iterator[None]:
     """Force the kernels of :func:`agent_attention` in this thread (benchmarks and tests):
     ``"sdpa"`` (two fused SDPA calls), ``"gemm"`` (matmul + bias + softmax + matmul, in place at
-    inference) or ``"auto"`` (the default choice per step, see :func:`_choose_paths`)."""
+    inference), ``"flex"`` (two FlexAttention calls with the biases computed per logit from their
+    factors, see :mod:`agent_attention._flex`; opt-in: no measurement has shown it faster yet) or
+    ``"auto"`` (the default choice per step, see :func:`_choose_paths`). Export and FX tracing always
+    use the math path, and ``flex`` falls back to the automatic choice when ``dropout_p > 0``."""
     if name not in _PATHS:
         raise ValueError(f"path must be one of {_PATHS}, got {name!r}")
+    if name == "flex":
+        from ._flex import flex_available
+
+        if not flex_available():
+            raise RuntimeError(f"path('flex') needs torch.nn.attention.flex_attention (torch {torch.__version__} has none)")
     previous = getattr(_state, "path", "auto")
     _state.path = name
     try:
@@ -220,8 +251,8 @@ def _choose_paths(q: Tensor, mask1: Optional[Tensor], mask2: Optional[Tensor]) -
     than the matmuls at 28²-192² tokens, ``bench op --backward``), the bias gradient being summed
     over the batch by autograd. On accelerators SDPA always (its kernels take the bias).
     """
-    forced = getattr(_state, "path", "auto")
-    if forced != "auto":
+    forced = current_path()
+    if forced not in ("auto", "flex"):  # flex with dropout: the automatic choice
         return forced, forced
     if q.device.type != "cpu" or not torch.is_grad_enabled():
         return "sdpa", "sdpa"
@@ -271,6 +302,7 @@ def agent_feature_maps(
     Also the maps to visualise: ``phi_k[..., a]`` is where agent ``a`` looks.
     """
     _check_inputs(q, k, k, agents, agent_bias, query_bias, key_padding_mask)
+    agent_bias, query_bias = _dense(agent_bias), _dense(query_bias)
     d = q.shape[-1]
     s = d ** -0.5 if scale is None else float(scale)
     s2 = s if query_scale is None else float(query_scale)

@@ -41,7 +41,8 @@ from ._grids import (
     to_tuple_hw,
     tracing,
 )
-from .functional import agent_attention
+from .bias_factors import grid_biases
+from .functional import agent_attention, current_path
 
 # FX symbolic tracing (torch.fx, timm's feature extraction, torchvision's create_feature_extractor):
 # the size-dependent helpers are leaves of the graph, so a model built on AgentAttention traces.
@@ -265,6 +266,9 @@ class AgentAttention(nn.Module):
         (autograd on), export/FX tracing, ``torch.compile`` and per-sample (masked) biases always
         recompose.
         """
+        if (self.ndim == 2 and self.has_agent_bias and current_path() == "flex" and not tracing()
+                and not (self.training and self.attn_drop > 0)):
+            return grid_biases(self, query_hw, key_hw)  # factored: FlexAttention evaluates them per logit
         if (not self.has_agent_bias or torch.is_grad_enabled() or q_valid is not None or k_valid is not None
                 or torch.compiler.is_compiling() or tracing()):
             return self.compose_biases(query_hw, key_hw, n_q, n_k, q_valid, k_valid)
