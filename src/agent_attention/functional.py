@@ -167,6 +167,7 @@ def agent_attention(
     Returns:
         ``(B, h, N, d)`` tensor of the same dtype as ``q``.
     """
+    _check_dropout(dropout_p)
     if not fused_enabled() or tracing():  # export/ONNX/FX: explicit matmuls and softmaxes
         return agent_attention_math(
             q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
@@ -189,6 +190,12 @@ def agent_attention(
     if broadcast == "gemm":
         return _gemm_attention(q, agents, agent_v, mask2, s2, dropout_p, scale_right=True)
     return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=mask2, dropout_p=dropout_p, scale=s2)
+
+
+def _check_dropout(p) -> None:
+    """``dropout_p`` must be a number in [0, 1) (1 would drop every weight: an all-zero output)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
 
 
 _PATHS = ("auto", "sdpa", "gemm")
@@ -302,6 +309,7 @@ def agent_attention_math(
     Same arguments and result; materialises both attention maps (the official code's order of
     operations: the left operand is scaled before the product).
     """
+    _check_dropout(dropout_p)
     phi_q, phi_k = agent_feature_maps(
         q, k, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
         query_scale=query_scale, key_padding_mask=key_padding_mask,
