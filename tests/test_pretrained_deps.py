@@ -71,4 +71,4 @@ def test_cli_prints_one_line_for_a_missing_extra(monkeypatch, capsys):
     assert cli.dispatch("agent-attention", {"plot": ("fake_cmd", "main", "")}, ["plot"]) == 1
     err = capsys.readouterr().err
     assert err == "agent-attention plot: error: the fake plot needs matplotlib, which is not installed: " \
-                  "pip install 'agent-attention[viz]'\n"
+                  'pip install "agent-attention[viz]"\n'

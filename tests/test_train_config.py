@@ -36,7 +36,7 @@ OFFICIAL = {
 
 
 def test_one_recipe_per_official_variant_plus_digits():
-    assert set(list_recipes()) == set(OFFICIAL) | {"digits"}
+    assert set(list_recipes()) == set(OFFICIAL) | {"digits", "generic"}
     assert set(OFFICIAL) == set(FULL_VARIANTS)
 
 

@@ -61,7 +61,7 @@ def test_numeric_fields_are_range_checked(field, value, match):
 
 def test_every_numeric_field_has_a_range():
     numeric = {f.name for f in FIELDS if f.kind in ("int", "float", "floats")}
-    assert numeric - set(RANGES) == {"mean"}  # any finite mean is fine
+    assert numeric - set(RANGES) == set()
 
 
 def test_warmup_equal_to_epochs_warns_and_none_or_zero_clip_means_off():

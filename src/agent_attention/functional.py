@@ -174,6 +174,7 @@ def agent_attention(
     Returns:
         ``(B, h, N, d)`` tensor of the same dtype as ``q``.
     """
+    _check_dropout(dropout_p)
     if not fused_enabled() or tracing():  # export/ONNX/FX: explicit matmuls and softmaxes
         return agent_attention_math(
             q, k, v, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
@@ -215,6 +216,12 @@ def _dense(bias):
 def current_path() -> str:
     """The kernel choice of :func:`agent_attention` in this thread (see :func:`path`)."""
     return getattr(_state, "path", "auto")
+
+
+def _check_dropout(p) -> None:
+    """``dropout_p`` must be a number in [0, 1) (1 would drop every weight: an all-zero output)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
 
 
 @contextlib.contextmanager
@@ -334,6 +341,7 @@ def agent_attention_math(
     Same arguments and result; materialises both attention maps (the official code's order of
     operations: the left operand is scaled before the product).
     """
+    _check_dropout(dropout_p)
     phi_q, phi_k = agent_feature_maps(
         q, k, agents, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
         query_scale=query_scale, key_padding_mask=key_padding_mask,

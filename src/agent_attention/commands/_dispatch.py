@@ -22,7 +22,7 @@ import re
 import sys
 from importlib import import_module
 
-from .._extras import MissingExtraError
+from .._extras import MissingExtraError, missing_extra
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 __all__ = ["UsageError", "usage_errors", "command", "run", "dispatch", "one_line", "set_debug", "debug_enabled"]
@@ -160,6 +160,7 @@ def run(prog: str, func: Callable[[], Optional[int]]) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the point: no traceback for the user
+        e = missing_extra(e) or e  # an optional package absent: name the extra that installs it
         if type(e).__module__.split(".")[0] == "yaml":  # a recipe file or a flag's value
             print(f"{prog}: error: malformed YAML: {one_line(e)}", file=sys.stderr)
             return 2

@@ -124,7 +124,13 @@ def _resolve(args: argparse.Namespace):
     from ._weights import check_model
 
     check_model(cfg.model, cfg.model_kwargs, cfg.img_size, cfg.num_classes)
-    dtype = check_amp(cfg.amp, resolve_device(cfg.device))
+    from .._dtypes import warn_slow_dtype
+    from ..train.data import check_data
+
+    check_data(cfg, train=False)
+    device = resolve_device(cfg.device)
+    dtype = check_amp(cfg.amp, device)
+    warn_slow_dtype(dtype, device, f"--amp {cfg.amp}", PROG)
     return cfg, ckpt, dtype
 
 

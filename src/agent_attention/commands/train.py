@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--list-recipes", action="store_true", help="list the bundled recipes and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe (yaml) and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --output folder that holds one (its checkpoints and logs are deleted)")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulated kill
     add_config_args(p)
     return p
@@ -51,11 +53,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
         if cfg.epochs < 1:  # (the recipe's range checks say it too; the schedule asserts otherwise)
             raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+        if args.recipe is None and cfg.recipe != "digits":
+            print(f"note: --model {cfg.model} without --recipe: using the recipe {cfg.recipe!r} "
+                  "(see --list-recipes; --print-config shows every value)", file=sys.stderr)
         check_device(cfg.device, resolve_device)
         if not args.print_config:
+            from .._dtypes import warn_slow_dtype
+            from ..train.data import check_data
+            from ..train.evaluation import amp_dtype
+            from ..train.run_dir import check_run_dir
             from ._weights import check_model
 
             check_model(cfg.model, cfg.model_kwargs, cfg.img_size, cfg.num_classes)
+            check_data(cfg, train=True)
+            device = resolve_device(cfg.device)
+            warn_slow_dtype(amp_dtype(cfg.amp, device), device, f"--amp {cfg.amp}", PROG)
+            check_run_dir(cfg.output or f"runs/{cfg.recipe}", bool(cfg.resume), args.overwrite,
+                          log=lambda m: print(m, file=sys.stderr))
     if args.print_config:
         print(yaml.safe_dump(dict(cfg), sort_keys=False), end="")
         return 0

@@ -20,7 +20,7 @@ from .validation import RANGES, RESUME_IGNORED, check_range, recipe_diff, valida
 
 __all__ = [
     "Field", "FIELDS", "Config", "defaults", "list_recipes", "recipe_path", "read_recipe", "load_recipe",
-    "add_config_args", "config_from_args", "overrides_from_args", "coerce", "apply_override", "lr_scale",
+    "add_config_args", "config_from_args", "default_recipe", "overrides_from_args", "coerce", "apply_override", "lr_scale",
     "check_range", "validate", "recipe_diff", "RANGES", "RESUME_IGNORED",
 ]
 
@@ -278,8 +278,9 @@ def read_recipe(path: Path, folder: Optional[Path] = None, _seen: Sequence[Path]
 
 
 def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]] = None, *,
-                fields: Optional[Sequence[Field]] = None, folder: Optional[Path] = None) -> Config:
-    """Defaults <- recipe yaml <- ``overrides`` (field -> value), all values checked.
+                fields: Optional[Sequence[Field]] = None, folder: Optional[Path] = None, check: bool = True) -> Config:
+    """Defaults <- recipe yaml <- ``overrides`` (field -> value), all values checked (``check=False``:
+    each value on its own, not yet the relations between fields: call :func:`validate` after).
 
     ``fields`` / ``folder``: another family of recipes (default: the classification :data:`FIELDS`
     and the bundled ``train/recipes``), e.g. the dense recipes of ``agent_attention.dense.recipes``."""
@@ -290,7 +291,7 @@ def load_recipe(name_or_path: str = "digits", overrides: Optional[Dict[str, Any]
     cfg["recipe"] = path.stem
     for key, value in (overrides or {}).items():
         apply_override(cfg, key, value, fields)
-    if fields is None:
+    if fields is None and check:
         validate(cfg)
     return cfg
 
@@ -337,8 +338,9 @@ def _parser_type(f: Field):
 
 def add_config_args(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
     """Add ``--recipe``, ``--set`` and one flag per field (defaults suppressed: only given flags override)."""
-    parser.add_argument("--recipe", "--cfg", default="digits", metavar="NAME|YAML",
-                        help="bundled recipe name (see --list-recipes) or a yaml file; default: digits")
+    parser.add_argument("--recipe", "--cfg", default=None, metavar="NAME|YAML",
+                        help="bundled recipe name (see --list-recipes) or a yaml file; default: digits, or with "
+                             "another --model its own recipe (else 'generic')")
     parser.add_argument("--set", dest="set_", action="append", default=[], metavar="FIELD=VALUE",
                         help="set any field from a yaml value, e.g. --set scale=[0.5,1] --set model_kwargs.depth=6")
     group = parser.add_argument_group("recipe fields (override the recipe)")
@@ -373,6 +375,38 @@ def overrides_from_args(args: argparse.Namespace, fields: Optional[Sequence[Fiel
     return overrides
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Recipe named by ``args.recipe`` <- ``--set`` items <- explicit field flags."""
-    return load_recipe(args.recipe, overrides_from_args(args))
+def default_recipe(overrides: Dict[str, Any]) -> str:
+    """The recipe when none is named: ``digits``; with another ``model``, that model's bundled recipe
+    (its official hyper-parameters), else ``generic`` (the official DeiT recipe at 224 px): the
+    digits recipe's small-model ``model_kwargs`` and 24 px size are for its own model only."""
+    model = overrides.get("model")
+    if not isinstance(model, str) or not model.strip():
+        return "digits"
+    from ..models.registry import ALIASES
+
+    name = ALIASES.get(model, model)
+    digits_model = read_recipe(recipe_path("digits")).get("model")
+    if name == ALIASES.get(digits_model, digits_model):
+        return "digits"
+    return name if name in list_recipes() else "generic"
+
+
+def config_from_args(args: argparse.Namespace, note=None) -> Config:
+    """Recipe named by ``args.recipe`` (none: :func:`default_recipe`) <- ``--set`` items <- explicit
+    field flags. A recipe warm-up that the given ``epochs`` would not outlast (not set on the command
+    line) is clipped to half the epochs, with a note (``note(text)``, default: stderr)."""
+    overrides = overrides_from_args(args)
+    cfg = load_recipe(args.recipe or default_recipe(overrides), overrides, check=False)
+    if "warmup_epochs" not in overrides and 1 <= cfg["epochs"] <= cfg["warmup_epochs"]:
+        clipped = cfg["epochs"] // 2
+        (note or _stderr_note)(f"note: warm-up clipped to {clipped} epoch(s): the recipe's warmup_epochs "
+                               f"{cfg['warmup_epochs']} would last the whole {cfg['epochs']}-epoch run")
+        cfg["warmup_epochs"] = clipped
+    validate(cfg)
+    return cfg
+
+
+def _stderr_note(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr)

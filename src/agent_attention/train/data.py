@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 __all__ = [
     "DigitsDataset", "SeededTransformDataset", "ResumableSampler", "ShardSampler", "seeded_rng",
-    "build_transforms", "build_datasets", "build_loaders", "Loaders", "UnreadableImageError", "read_image",
+    "build_transforms", "check_data", "build_datasets", "build_loaders", "Loaders", "UnreadableImageError", "read_image",
 ]
 
 
@@ -212,6 +212,19 @@ def build_transforms(cfg, is_training: bool) -> Callable:
 
 
 # ------------------------------------------------------------------------------------ datasets
+def check_data(cfg, train: bool = True) -> None:
+    """A one-line ValueError when ``cfg.data`` is set but is not a folder with the split folders a
+    run needs (``train_split`` and ``val_split``; only ``val_split`` when ``train=False``)."""
+    if not cfg.data:
+        return
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise ValueError(f"--data {root}: no such directory")
+    for split in (cfg.train_split, cfg.val_split) if train else (cfg.val_split,):
+        if not (root / split).is_dir():
+            raise ValueError(f"--data {root}: expected an ImageFolder tree with {split}/<class>/<images>")
+
+
 def build_datasets(cfg, train: bool = True) -> Tuple[Optional[Dataset], Dataset, int, str]:
     """Untransformed (train, val) datasets, the class count and a description. ``train=False``
     (evaluation): only the ``val_split`` folder is needed and the train dataset is None."""
@@ -219,12 +232,9 @@ def build_datasets(cfg, train: bool = True) -> Tuple[Optional[Dataset], Dataset,
         from torchvision.datasets import ImageFolder
 
         root = Path(cfg.data)
-        if not root.is_dir():
-            raise ValueError(f"--data {root}: no such directory")
+        check_data(cfg, train)
         parts = []
         for split in (cfg.train_split, cfg.val_split) if train else (cfg.val_split,):
-            if not (root / split).is_dir():
-                raise ValueError(f"--data {root}: expected an ImageFolder tree with {split}/<class>/<images>")
             parts.append(ImageFolder(str(root / split), loader=read_image))
         train_set, val = parts if train else (None, parts[0])
         if train_set is not None and train_set.classes != val.classes:

@@ -35,12 +35,13 @@ class _Range:
         return f"{'<' if self.hi_open else '<='} {self.hi:g}"
 
 
+_PIXELS = "a fraction of the 0-1 pixel range, not 0-255"
 _POS, _NONNEG, _ONE_UP = _Range(0, lo_open=True), _Range(0), _Range(1)
 _PROB, _RATE = _Range(0, 1), _Range(0, 1, hi_open=True)
 #: allowed values of the numeric fields (each element for lists); every float must also be finite
 RANGES: Dict[str, _Range] = {
     "num_classes": _ONE_UP, "drop_path": _RATE, "model_ema_decay": _PROB, "img_size": _ONE_UP,
-    "crop_pct": _Range(0, 1, lo_open=True), "std": _POS, "batch_size": _ONE_UP, "eval_batch_size": _ONE_UP,
+    "crop_pct": _Range(0, 1, lo_open=True), "mean": _Range(0, 1, note=_PIXELS), "std": _Range(0, 1, lo_open=True, note=_PIXELS), "batch_size": _ONE_UP, "eval_batch_size": _ONE_UP,
     "num_workers": _NONNEG, "train_subset": _ONE_UP, "val_subset": _ONE_UP, "val_fraction": _Range(0, 1, True, True),
     "scale": _Range(0, 1, lo_open=True), "ratio": _POS, "hflip": _PROB, "color_jitter": _NONNEG, "reprob": _PROB,
     "recount": _ONE_UP, "mixup": _Range(0, note="0: off"), "cutmix": _Range(0, note="0: off"),
@@ -54,7 +55,8 @@ RANGES: Dict[str, _Range] = {
     "print_freq": _Range(0, note="0: never"), "threads": _ONE_UP,
 }
 #: list fields with a fixed length, and those whose two values are a (low, high) pair
-_LENGTHS = {"scale": 2, "ratio": 2, "cutmix_minmax": 2, "opt_betas": 2}
+_LENGTHS = {"scale": 2, "ratio": 2, "cutmix_minmax": 2, "opt_betas": 2, "mean": 3, "std": 3}
+_WHY = {"mean": " (one per RGB channel: images are read as RGB)", "std": " (one per RGB channel: images are read as RGB)"}
 _PAIRS = ("scale", "ratio", "cutmix_minmax")
 
 
@@ -65,7 +67,7 @@ def check_range(name: str, value: Any) -> Any:
         return value
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     if name in _LENGTHS and len(items) != _LENGTHS[name]:
-        raise ValueError(f"recipe field {name!r} needs {_LENGTHS[name]} values, got {value!r}")
+        raise ValueError(f"recipe field {name!r} needs {_LENGTHS[name]} values{_WHY.get(name, '')}, got {value!r}")
     if isinstance(value, (list, tuple)) and not items:
         raise ValueError(f"recipe field {name!r} needs at least one value, got {value!r}")
     r = RANGES.get(name)
