@@ -27,6 +27,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from .._atomic import atomic_path, write_text
+from .._device import resolve_device
+from .._errors import UsageError, usage_errors
 
 __all__ = [
     "Timing", "machine_info", "machine_line", "set_threads", "resolve_device", "sync",
@@ -92,20 +94,11 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or auto, got {name!r}")
-    return device
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 # --------------------------------------------------------------------------- timing
@@ -316,11 +309,13 @@ def write_outputs(out_dir: Path, stem: str, markdown: str, data: dict) -> List[P
 
 def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int], argv: Optional[Sequence[str]]) -> int:
     """Parse ``argv`` and call ``run(args)``; a ``ValueError`` (a bad combination of options) becomes a
-    usage error that names the problem (exit status 2) instead of a traceback."""
+    usage error that names the problem (exit status 2) instead of a traceback (see
+    :func:`agent_attention._errors.usage_errors`)."""
     args = parser.parse_args(argv)
     try:
-        return run(args)
-    except ValueError as e:
+        with usage_errors():
+            return run(args)
+    except UsageError as e:
         parser.error(str(e))
 
 

@@ -16,30 +16,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
-import re
 import sys
 from importlib import import_module
-
-from .._extras import MissingExtraError, missing_extra
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from .._errors import UsageError, _flatten, as_usage_error, one_line, usage_errors
+from .._extras import MissingExtraError, missing_extra
 
 __all__ = ["UsageError", "usage_errors", "command", "run", "dispatch", "one_line", "set_debug", "debug_enabled"]
 
 #: name -> (module, function taking argv, one-line help)
 CommandTable = Dict[str, Tuple[str, str, str]]
 
-_MAX_CHARS = 500
 _DEBUG = [os.environ.get("AGENT_ATTENTION_DEBUG", "") not in ("", "0")]
-
-
-class UsageError(Exception):
-    """A bad command line (exit code 2)."""
-
-    def __init__(self, message: str, prog: Optional[str] = None):
-        super().__init__(message)
-        self.prog = prog
 
 
 def set_debug(on: bool) -> None:
@@ -49,22 +39,6 @@ def set_debug(on: bool) -> None:
 
 def debug_enabled() -> bool:
     return _DEBUG[0]
-
-
-@contextlib.contextmanager
-def usage_errors() -> Iterator[None]:
-    """Inside the block, ``ValueError`` / ``TypeError`` / a YAML error / a missing file is a usage
-    error: use it around reading and checking the command line, before any work starts."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        raise UsageError(one_line(e)) from e
-    except Exception as e:
-        if type(e).__module__.split(".")[0] == "yaml":  # malformed YAML (recipe file, --set value)
-            raise UsageError(f"malformed YAML: {one_line(e)}") from e
-        raise
 
 
 def _argparse_error(self: argparse.ArgumentParser, message: str):
@@ -80,64 +54,6 @@ def _one_line_argparse() -> Iterator[None]:
         yield
     finally:
         argparse.ArgumentParser.error = original  # type: ignore[method-assign]
-
-
-# ------------------------------------------------------------------------------- one-line message
-_STORAGE_ERRNOS = {
-    errno.ENOSPC: "disk full (ENOSPC: no space left on device)",
-    errno.EFBIG: "file-size limit reached (EFBIG: file too large)",
-    errno.EDQUOT: "disk quota exceeded (EDQUOT)",
-}
-_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")  # how Rust-backed libraries (safetensors) report errno
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _errno_of(exc: BaseException) -> Tuple[Optional[int], Optional[str]]:
-    """The first errno (and file name) along the exception chain, also from '(os error N)' texts."""
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno is not None:
-            return e.errno, e.filename
-        m = _OS_ERROR_RE.search(str(e))
-        if m:
-            return int(m.group(1)), None
-    return None, None
-
-
-def _flatten(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Caught ") and any("Original Traceback" in ln for ln in lines):
-        last = lines[-1]  # a DataLoader worker's error: keep the original exception's message
-        head, sep, tail = last.partition(": ")
-        lines = [tail if sep and " " not in head else last]
-    text = " ".join(lines)
-    return text if len(text) <= _MAX_CHARS else text[: _MAX_CHARS - 3] + "..."
-
-
-def one_line(exc: BaseException) -> str:
-    """A one-line description of ``exc`` for the user (no traceback)."""
-    code, filename = _errno_of(exc)
-    if code in _STORAGE_ERRNOS:
-        where = f" while writing {filename}" if filename else ""
-        return f"{_STORAGE_ERRNOS[code]}{where}"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        target = exc.filename if exc.filename is not None else ""
-        if exc.filename2 is not None:
-            target = f"{target} -> {exc.filename2}"
-        return _flatten(f"{exc.strerror or exc} ({name}){': ' + str(target) if target != '' else ''}")
-    text = _flatten(str(exc)) if str(exc) else ""
-    if isinstance(exc, (ValueError, TypeError, RuntimeError, OSError, UsageError, MissingExtraError)) and text:
-        return text
-    if isinstance(exc, KeyError):
-        return f"missing key {text}"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------- running
@@ -161,8 +77,9 @@ def run(prog: str, func: Callable[[], Optional[int]]) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the point: no traceback for the user
         e = missing_extra(e) or e  # an optional package absent: name the extra that installs it
-        if type(e).__module__.split(".")[0] == "yaml":  # a recipe file or a flag's value
-            print(f"{prog}: error: malformed YAML: {one_line(e)}", file=sys.stderr)
+        usage = as_usage_error(e, kinds=())  # a malformed YAML anywhere (a recipe file, a flag's value)
+        if usage is not None:
+            print(f"{prog}: error: {usage}", file=sys.stderr)
             return 2
         known = (OSError, ValueError, TypeError, RuntimeError, MissingExtraError)
         hint = "" if isinstance(e, known) else " (run with --debug for the traceback)"

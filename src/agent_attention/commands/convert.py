@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output .safetensors file (not the input file, not a folder)")
     p.add_argument("--key", default=None,
                    help="entry holding the weights (default: model, model_ema, state_dict_ema, state_dict, raw)")
-    p.add_argument("--ema", action="store_true", help="prefer the EMA weights (state_dict_ema / model_ema)")
+    p.add_argument("--ema", action="store_true", help="the EMA weights (state_dict_ema / model_ema; an error if the file has none)")
     p.add_argument("--model", default=None,
                    help="validate against this model (strict load) and store its filtered layout")
     return p

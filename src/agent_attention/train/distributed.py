@@ -13,6 +13,8 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
+from .._device import resolve_device
+
 __all__ = ["DistInfo", "init_distributed", "cleanup", "all_reduce_sum", "barrier", "broadcast_object",
            "resolve_device", "params_in_sync"]
 
@@ -28,18 +30,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: the local rank's GPU if CUDA is available, else CPU. ``cuda`` picks the local rank's GPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        spec = f"cuda:{local_rank}"
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
-    return device
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -83,9 +83,10 @@ class Trainer:
         model = build_model(cfg.model, self.num_classes, img_size=cfg.img_size, drop_path=cfg.drop_path,
                             model_kwargs=cfg.model_kwargs)
         if cfg.pretrained:
-            from ..weights import load_official_checkpoint
+            from ..weights import has_ema_weights, load_checkpoint, load_official_checkpoint
 
-            load_official_checkpoint(model, cfg.pretrained, strict=False, use_ema=cfg.model_ema)
+            ckpt = load_checkpoint(cfg.pretrained)  # with model_ema: its EMA weights when it has them
+            load_official_checkpoint(model, ckpt, strict=False, use_ema=cfg.model_ema and has_ema_weights(ckpt))
             self.log(f"fine-tuning from {cfg.pretrained}")
         self.model = model.to(d.device)
         self.n_params = sum(p.numel() for p in model.parameters())

@@ -27,6 +27,8 @@ from .hub import save_for_hub
 from .pretrained import cache_dir, cached_weights_path, convert_local_file, fetch_pretrained, official_url, prepare_pretrained
 from .safe_load import (
     UnsafeCheckpointError,
+    check_safetensors,
+    has_ema_weights,
     load_checkpoint,
     load_checkpoint_state,
     official_safe_globals,
@@ -38,7 +40,7 @@ from .safe_save import export_safetensors, save_checkpoint_atomic
 
 __all__ = [
     "IncompatibleCheckpointError", "UnsafeCheckpointError", "WeightsDownloadError", "cache_dir", "cached_weights_path",
-    "check_state_dict", "checkpoint_filter", "convert_local_file", "export_safetensors", "fetch_pretrained",
+    "check_safetensors", "check_state_dict", "checkpoint_filter", "has_ema_weights", "convert_local_file", "export_safetensors", "fetch_pretrained",
     "load_checkpoint", "load_checkpoint_state", "load_official_checkpoint", "official_safe_globals", "official_url",
     "prepare_pretrained", "prepare_state_dict", "register_checkpoint_filter", "save_checkpoint_atomic", "save_for_hub",
     "select_state_dict", "strip_wrapper_prefixes", "unwrap_state_dict",

@@ -37,10 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._errors import one_line
 from .download import WeightsDownloadError, download_file
 from .safe_load import (
     UnsafeCheckpointError,
     _is_safetensors,
+    check_safetensors,
+    has_ema_weights,
     load_checkpoint,
     select_state_dict,
 )
@@ -145,20 +148,17 @@ def cached_weights_path(name: str, url: str | None = None, cache: str | os.PathL
     return cache_dir(cache) / f"{official}-{tag}.safetensors"
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
-def _read_weights(path: Path, source: str, use_ema: bool = False) -> tuple[dict[str, Tensor], str]:
-    """The weights of a checkpoint file (safe loader; ``'model'`` first, or the EMA entry first with
-    ``use_ema``), or a one-line ValueError."""
+def _read_weights(path: Path, source: str, prefer_ema: bool = False) -> tuple[dict[str, Tensor], str]:
+    """The weights of a checkpoint file (safe loader; ``'model'`` first, or with ``prefer_ema`` the
+    EMA entry when the file has one), or a one-line ValueError."""
     size = path.stat().st_size
     try:
-        return select_state_dict(load_checkpoint(path), use_ema=use_ema)
+        ckpt = load_checkpoint(path)
+        return select_state_dict(ckpt, use_ema=prefer_ema and has_ema_weights(ckpt))
     except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"{source}: {_one_line(e)}") from None
+        raise UnsafeCheckpointError(f"{source}: {one_line(e)}") from None
     except ValueError as e:
-        reason = _one_line(e).replace(f" '{path}'", "")
+        reason = one_line(e).replace(f" '{path}'", "")
         raise ValueError(f"{source} ({size} bytes) is not a usable checkpoint (truncated or not a checkpoint?): "
                          f"{reason}") from None
 
@@ -192,7 +192,7 @@ def verify_weights(name: str, state: Mapping[str, Tensor], source: str) -> None:
     try:
         fitted = dict(filter_fn(dict(state), ref)) if filter_fn is not None else dict(state)
     except (ValueError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{source} does not hold the {official} weights ({_found(state)}): {_one_line(e)}") from None
+        raise ValueError(f"{source} does not hold the {official} weights ({_found(state)}): {one_line(e)}") from None
     transient = {n for n, _ in ref.named_buffers()} - set(ref.state_dict())
     fitted = {k: v for k, v in fitted.items() if k not in transient}
     missing, unexpected, mismatched = check_state_dict(ref, fitted)
@@ -255,6 +255,7 @@ def convert_local_file(path: str | os.PathLike, cache: str | os.PathLike | None 
     with open(p, "rb") as f:
         head = f.read(16)
     if _is_safetensors(head) and p.suffix == ".safetensors":
+        check_safetensors(p)  # timm reads it: a damaged header is a one-line error here, not timm's raw one
         return p
     st = p.stat()
     resolved = str(p.resolve())
@@ -262,7 +263,7 @@ def convert_local_file(path: str | os.PathLike, cache: str | os.PathLike | None 
     target = cache_dir(cache) / "local" / f"{stem}-{_short_hash(f'{st.st_size}:{st.st_mtime_ns}')}.safetensors"
     if target.is_file():
         return target
-    state, used = _read_weights(p, f"pretrained file '{p}'", use_ema=True)
+    state, used = _read_weights(p, f"pretrained file '{p}'", prefer_ema=True)
     export_safetensors(state, target, metadata={"source": resolved, "entry": used or "(raw)"})
     for old in target.parent.glob(f"{stem}-*.safetensors"):
         if old != target:

@@ -17,21 +17,24 @@ import contextlib
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .._errors import one_line
 from .pickle_scan import check_storages
 
 __all__ = [
     "UnsafeCheckpointError", "official_safe_globals", "load_checkpoint", "select_state_dict", "unwrap_state_dict",
-    "strip_wrapper_prefixes", "load_checkpoint_state", "STATE_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES",
+    "strip_wrapper_prefixes", "load_checkpoint_state", "has_ema_weights", "check_safetensors", "damaged_zip_member",
+    "STATE_KEYS", "EMA_KEYS", "WRAPPER_PREFIXES",
 ]
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, io.IOBase]
-#: keys tried, in order, when no ``key`` is given (``use_ema=True`` tries the EMA ones first)
+#: keys tried, in order, when no ``key`` is given (``use_ema=True`` tries only the EMA ones)
 STATE_KEYS = ("model", "model_ema", "state_dict_ema", "state_dict")
 EMA_KEYS = ("state_dict_ema", "model_ema")
 #: prefixes added by DDP / torch.compile wrappers
@@ -152,9 +155,58 @@ def _describe(src: Any) -> str:
     return f"'{os.fspath(src)}'" if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>"
 
 
+#: the largest safetensors header accepted (the format's own limit)
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
 def _is_safetensors(head: bytes) -> bool:
     # 8-byte little-endian header size, then a JSON object
-    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < MAX_SAFETENSORS_HEADER
+
+
+def _safetensors_problem(head: bytes, size: int) -> Optional[str]:
+    """Why a file that starts like safetensors (a size, then ``{``) cannot be one, or ``None``."""
+    declared = int.from_bytes(head[:8], "little")
+    if declared >= MAX_SAFETENSORS_HEADER or declared > size - 8:
+        return f"its header claims {declared} bytes but the file holds {size}"
+    return None
+
+
+def check_safetensors(path: Union[str, os.PathLike]) -> None:
+    """A one-line ValueError unless ``path`` is a readable safetensors file (its header is parsed and
+    checked against the file size; no tensor is read)."""
+    from safetensors import safe_open
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+    problem = _safetensors_problem(head, Path(path).stat().st_size) if head[8:9] == b"{" else "no safetensors header"
+    if problem is None:
+        try:
+            with safe_open(os.fspath(path), framework="pt"):
+                pass
+        except Exception as e:  # safetensors raises its own error types
+            problem = one_line(e)
+    if problem:
+        raise ValueError(f"checkpoint {_describe(path)} is not a readable safetensors file: {problem}")
+
+
+def damaged_zip_member(src: Union[bytes, Path]) -> Optional[str]:
+    """The first member of a zip checkpoint whose bytes do not match their CRC-32, or ``None``.
+
+    torch does not check the checksums it writes, so flipped bytes in a tensor would load silently.
+    Members stored with a CRC of 0 (``torch.serialization.set_crc32_options(False)``) cannot be checked.
+    """
+    with (zipfile.ZipFile(io.BytesIO(src)) if isinstance(src, (bytes, bytearray)) else zipfile.ZipFile(src)) as z:
+        for info in z.infolist():
+            if info.CRC == 0 or info.is_dir():
+                continue
+            try:
+                with z.open(info) as member:  # zipfile checks the CRC-32 once the member is read
+                    while member.read(1 << 22):
+                        pass
+            except zipfile.BadZipFile:
+                return info.filename
+    return None
 
 
 def load_checkpoint(src: PathOrBytes, map_location: Union[str, torch.device] = "cpu") -> Any:
@@ -178,13 +230,16 @@ def load_checkpoint(src: PathOrBytes, map_location: Union[str, torch.device] = "
         data = None
         with open(path, "rb") as f:
             head = f.read(16)
-    if _is_safetensors(head):
+    if head[8:9] == b"{":  # safetensors: an 8-byte header size, then a JSON object
+        problem = _safetensors_problem(head, len(data) if data is not None else Path(src).stat().st_size)
+        if problem:
+            raise ValueError(f"checkpoint {name} is not a readable safetensors file: {problem}")
         import safetensors.torch as st
 
         try:
             out = st.load(data) if data is not None else st.load_file(os.fspath(src))
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"checkpoint {name} is not a readable safetensors file: {e}") from e
+            raise ValueError(f"checkpoint {name} is not a readable safetensors file: {one_line(e)}") from None
         device = torch.device(map_location)
         return {k: v.to(device) for k, v in out.items()} if device.type != "cpu" else out
     source: Any = io.BytesIO(data) if data is not None else os.fspath(src)
@@ -192,6 +247,14 @@ def load_checkpoint(src: PathOrBytes, map_location: Union[str, torch.device] = "
     problem = check_storages(data if data is not None else Path(src))
     if problem:
         raise ValueError(f"refusing to load checkpoint {name}: {problem}")
+    if head[:2] == b"PK":
+        try:
+            damaged = damaged_zip_member(data if data is not None else Path(src))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+            raise ValueError(f"checkpoint {name} is not a readable torch or safetensors file: {e}") from None
+        if damaged:
+            raise ValueError(f"checkpoint {name} is damaged: the bytes of {damaged!r} do not match their CRC-32 "
+                             "checksum (a corrupted download or copy?)")
     try:
         with official_safe_globals():
             obj = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
@@ -235,12 +298,18 @@ def strip_wrapper_prefixes(state: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def has_ema_weights(ckpt: Any) -> bool:
+    """Whether a loaded checkpoint holds EMA weights (a ``state_dict_ema`` / ``model_ema`` entry)."""
+    return isinstance(ckpt, Mapping) and any(isinstance(ckpt.get(k), Mapping) for k in EMA_KEYS)
+
+
 def select_state_dict(ckpt: Any, *, key: Optional[str] = None, use_ema: bool = False) -> Tuple[Dict[str, Tensor], str]:
     """Pick the weights inside a loaded checkpoint; returns ``(state_dict, key_used)``.
 
-    ``key`` if given, else (``use_ema``: ``state_dict_ema`` / ``model_ema`` first) ``model`` ->
-    ``model_ema`` -> ``state_dict_ema`` -> ``state_dict`` -> the dict itself if it maps names to
-    tensors. ``module.`` / ``_orig_mod.`` prefixes are stripped.
+    ``key`` if given; else with ``use_ema`` ``state_dict_ema`` / ``model_ema`` (a checkpoint without
+    them is a ValueError, never a silent fallback to ``model``); else ``model`` -> ``model_ema`` ->
+    ``state_dict_ema`` -> ``state_dict`` -> the dict itself if it maps names to tensors.
+    ``module.`` / ``_orig_mod.`` prefixes are stripped.
     """
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"checkpoint holds a {type(ckpt).__name__}, expected a dict of weights")
@@ -249,7 +318,10 @@ def select_state_dict(ckpt: Any, *, key: Optional[str] = None, use_ema: bool = F
             raise ValueError(f"checkpoint has no entry {key!r}; top-level keys: {sorted(map(str, ckpt))}")
         used, state = key, ckpt[key]
     else:
-        order = EMA_KEYS + STATE_KEYS if use_ema else STATE_KEYS
+        if use_ema and not has_ema_weights(ckpt):
+            raise ValueError(f"checkpoint has no EMA weights ({' / '.join(EMA_KEYS)}); top-level keys: "
+                             f"{sorted(map(str, ckpt))[:20]}; load its 'model' weights with use_ema=False")
+        order = EMA_KEYS if use_ema else STATE_KEYS
         used = next((k for k in order if isinstance(ckpt.get(k), Mapping)), "")
         state = ckpt[used] if used else ckpt
     if not _is_state_dict(state):
