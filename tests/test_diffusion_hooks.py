@@ -161,3 +161,13 @@ def test_model_cpu_offload_and_attention_slicing(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert (generate(pipe) == stock).all()
+
+
+def test_every_call_falling_back_warns():
+    """A self-attention mask makes every patched PixArt call go to the stock processor: loud, not silent."""
+    model = tiny_pixart()
+    state = apply_agentsd(model, AGENTS)
+    kwargs = inputs("pixart")
+    with pytest.warns(RuntimeWarning, match="fell back to the stock attention"), torch.no_grad():
+        model(**kwargs, attention_mask=torch.ones(2, 64))
+    assert state.calls["agent"] == 0 and state.calls["stock"] == 2
