@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
 
-from .adapters import Adapter, LayerSpec, find_adapter, supported_classes
+from .adapters import Adapter, find_adapter, supported_classes
 from .hooks import BLOCK_HOOK, DENOISER_HOOK, BlockHook, DenoiserHook, register
 from .processor import AgentSDProcessor
 from .schedule import PAPER_LATE, AgentSDConfig, Rule
