@@ -258,3 +258,22 @@ def test_flux_grid_mismatch_is_an_error_not_a_fallback():
     kw["hidden_states"] = kw["hidden_states"][:, :-1]
     with pytest.raises(RuntimeError, match="token grid"), torch.no_grad():
         model(**kw)
+
+
+def test_every_supported_class_has_a_patched_for_real_test():
+    """Every class AgentSD supports is built by one of the 'patched for real' tests (here or in test_diffusion_dit)."""
+    import test_diffusion_dit
+
+    built = {type(factory()).__name__ for factory in list(test_diffusion_dit.MODELS.values()) + list(MODELS.values())}
+    assert set(supported_classes()) <= built, set(supported_classes()) - built
+
+
+def test_docs_snippet_runs(capsys):
+    """The python example of docs/agentsd_dit.md runs and patches both Flux blocks."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "agentsd_dit.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    exec(compile(code, "agentsd_dit.md", "exec"), {})
+    assert "{'agent': 2}" in capsys.readouterr().out
