@@ -116,3 +116,25 @@ def test_sd_compare_seeds_grid(tmp_path, capsys):
     assert main(args + ["--no-compare", "--out", str(out)]) == 0
     image = Image.open(out)
     assert image.width == 32 and image.height == 64
+
+
+def test_video_output_becomes_first_middle_last_frames():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from agent_attention.commands._sd_pipe import pipeline_kwargs, to_pil
+
+    frames = np.zeros((1, 9, 4, 6, 3), dtype=np.float32)
+    for i in range(9):
+        frames[0, i] = i / 8
+    (strip,) = to_pil(SimpleNamespace(frames=frames))
+    assert strip.size == (18, 4)
+    px = np.asarray(strip)
+    assert px[0, 0, 0] == 0 and px[0, 6, 0] == 128 and px[0, 12, 0] == 255  # frames 0, 4, 8
+
+    class Pipe:
+        def __call__(self, prompt, num_inference_steps=1, num_frames=None):
+            pass
+
+    assert pipeline_kwargs(Pipe(), num_inference_steps=3, num_frames=None, guidance_scale=2.0) == {"num_inference_steps": 3}

@@ -97,7 +97,8 @@ def plot(runs: Sequence[dict], path: Path) -> Path:
     """Per model and size: block and forward speed-ups of ToDo and AgentSD, with the goals."""
     records = _records(runs)
     fig, (ax,) = common.new_figure(1, width=9.0)
-    cases = sorted({(r["title"], r["size"], r["dtype"]) for r in records})
+    tokens = {(r["title"], r["size"], r["dtype"]): r["tokens"] for r in records}
+    cases = sorted(tokens, key=lambda c: (c[0], tokens[c], c[2]))
     xs = range(len(cases))
     width = 0.2
     for j, (method, what) in enumerate([(m, w) for m in ("todo", "agentsd") for w in ("block", "forward")]):
@@ -120,7 +121,7 @@ def plot(runs: Sequence[dict], path: Path) -> Path:
     ax.set_ylabel("speed-up over SDPA (wall; block: the slowest kind)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    machines = sorted({common.machine_line(run["machine"]) for run in runs if run.get("machine")})
+    machines = sorted({common.machine_line(run["machine"], wrap=True) for run in runs if run.get("machine")})
     fig.suptitle("AgentSD on DiTs (reduced models, released widths); dotted: goals 2×, 3×, 5×\n" + "; ".join(machines), fontsize=8)
     return common.save_figure(fig, path)
 

@@ -1,7 +1,7 @@
 """AgentSD: training-free agent attention for diffusion models on 🤗 diffusers.
 
 Token merging plus agent attention (or ToDo) inside the attention layers of a denoiser: the SD
-1.x/2.x/SDXL UNet, PixArt-α/Σ, SD3/SD3.5 (see ``adapters/``), installed with diffusers' hooks and
+1.x/2.x/SDXL UNet, PixArt-α/Σ, SD3/SD3.5, FLUX.1, Wan 2.x (see ``adapters/``), installed with diffusers' hooks and
 attention processors:
 
     >>> from agent_attention.diffusion import AgentSDConfig, apply_agentsd, remove_agentsd

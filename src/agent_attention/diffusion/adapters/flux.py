@@ -85,8 +85,10 @@ class FluxAdapter(Adapter):
     def prepare(self, layer: LayerSpec, attn: nn.Module, state, hidden_states: Tensor,
                 encoder_hidden_states: Optional[Tensor], attention_mask: Optional[Tensor], kwargs: dict) -> Optional[Call]:
         freqs = kwargs.get(self.rotary_arg)
-        if attention_mask is not None or set(kwargs) - {self.rotary_arg} or hidden_states.ndim != 3 or state.grid is None:
+        if attention_mask is not None or set(kwargs) - {self.rotary_arg} or hidden_states.ndim != 3:
             return None
+        if state.grid is None:  # img_ids that are not one full (h, w) grid (e.g. extra reference-image tokens)
+            self.token_grid(layer, state, hidden_states.shape[1])  # raises, naming the layer
         n = grid_numel(state.grid)
         if layer.kind == "joint":
             if encoder_hidden_states is None:
