@@ -1,6 +1,7 @@
-"""Dense prediction with agent backbones: torchvision detectors and smp segmentation decoders.
+"""Dense prediction with agent backbones: the official detectors and segmenters.
 
-* :func:`build_detector` — Mask R-CNN / RetinaNet / FCOS over an :class:`AgentBackbone` + FPN;
+* :func:`build_detector` — Mask R-CNN / Cascade Mask R-CNN / RetinaNet over an :class:`AgentBackbone`
+  + FPN, computing what the official mmdet models compute (:mod:`~agent_attention.dense.detectors`);
 * :func:`build_segmenter` — Semantic FPN / UperNet over an :class:`AgentBackbone`;
 * :mod:`~agent_attention.dense.data` — the embedded shapes data set, COCO and ADE20K folders;
 * :mod:`~agent_attention.dense.metrics` — COCO mAP (pycocotools) and mIoU;
@@ -10,10 +11,10 @@
 from __future__ import annotations
 
 from .backbone import OFFICIAL_AGENT_SHAPES, AgentBackbone, parse_agent_shapes, set_agent_shapes
-from .detection import DETECTORS, build_detector
+from .detectors import DETECTORS, Detector, build_detector
 from .segmentation import SEGMENTERS, Segmenter, build_segmenter
 
 __all__ = [
     "AgentBackbone", "OFFICIAL_AGENT_SHAPES", "parse_agent_shapes", "set_agent_shapes",
-    "DETECTORS", "build_detector", "SEGMENTERS", "Segmenter", "build_segmenter",
+    "DETECTORS", "Detector", "build_detector", "SEGMENTERS", "Segmenter", "build_segmenter",
 ]
