@@ -36,3 +36,26 @@ def test_paper_numbers_and_names():
 def test_unknown_name_is_one_line():
     with pytest.raises(ValueError, match="unknown seg release 'mask_rcnn_agent_swin_t_1x'"):
         get_release("mask_rcnn_agent_swin_t_1x", task="seg")
+
+
+def test_models_command_lists_dense_releases(monkeypatch, capsys):
+    from agent_attention.commands.models import main
+    from agent_attention.models import report
+
+    monkeypatch.setattr(report, "collect", lambda names, flops=False, progress=False: [])
+    assert main(["--task", "dense", "--format", "csv"]) == 0
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 20 and all(r["weights"] == "released" for r in rows)
+    swin = next(r for r in rows if r["model"] == "cascade_mask_rcnn_agent_swin_t_3x")
+    assert (swin["box mAP"], swin["mask mAP"], swin["mIoU"]) == ("51.4", "44.5", "")
+    assert next(r for r in rows if r["model"] == "fpn_agent_pvt_s_40k")["mIoU"] == "44.18"
+    assert main(["--no-flops"]) == 0  # both tables
+    out = capsys.readouterr().out
+    assert "Detection (COCO val2017) and segmentation" in out and "upernet_agent_swin_t_160k" in out
+    assert main(["--task", "seg", "--names", "all", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| upernet_agent_swin_b_160k | seg |" in out and "mask_rcnn" not in out
+    assert main(["--format", "csv"]) == 2  # two tables do not fit one csv

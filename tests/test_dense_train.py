@@ -35,10 +35,12 @@ def _steps(model, batch, loss_fn, n=6, lr=2e-3):
     return losses
 
 
-def test_segmenter_steps_reduce_loss():
+@pytest.mark.parametrize("kind", ["upernet", "fpn"])
+def test_segmenter_steps_reduce_loss(kind):
+    """The official heads (UperNet with its auxiliary FCN head, Semantic FPN) train with the engine's loss."""
     torch.manual_seed(0)
-    model = build_segmenter("upernet", "agent_pvt_tiny", 4, decoder_channels=32, aux_channels=16, agent_shapes="native",
-                            backbone_kwargs=PVT)
+    model = build_segmenter(kind, "agent_pvt_tiny", 4, decoder_channels=32, segmentation_channels=16,
+                            aux_channels=16 if kind == "upernet" else None, agent_shapes="native", backbone_kwargs=PVT)
     batch = segmentation_collate([ShapesSegmentation(4, (64, 80))[i] for i in range(4)])
     losses = _steps(model, batch, segmentation_loss)
     assert losses[-1] < 0.8 * losses[0], losses

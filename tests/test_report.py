@@ -40,7 +40,7 @@ def test_cli_csv(official_rows, monkeypatch, capsys):
     monkeypatch.setattr(report, "collect", fake_collect)
     from agent_attention.commands.models import main
 
-    assert main(["--format", "csv", "--names", "all", "--no-flops"]) == 0
+    assert main(["--format", "csv", "--task", "cls", "--names", "all", "--no-flops"]) == 0
     assert seen == {"names": "all", "flops": False}
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["model"] for r in rows] == list(PAPER_TOP1)
@@ -48,7 +48,7 @@ def test_cli_csv(official_rows, monkeypatch, capsys):
     assert swin == {"model": "agent_swin_tiny", "aliases": "agent_swin_t", "input": "224x224",
                     "params (M)": "28.90", "paper top-1 (%)": "82.6"}
     assert main(["--markdown"]) == 0 and seen["flops"] is True
-    assert main(["--format", "csv"]) == 0 and seen["flops"] is True  # GFLOPs by default
+    assert main(["--format", "csv", "--task", "cls"]) == 0 and seen["flops"] is True  # GFLOPs by default
     assert main(["--format", "html"]) == 2
 
 

@@ -1,4 +1,4 @@
-"""``agent-attention train-seg``: train / evaluate a segmenter (smp decoder) with an agent backbone.
+"""``agent-attention train-seg``: train / evaluate a segmenter (official Semantic FPN / UperNet) with an agent backbone.
 
 Without ``--data`` it trains on the embedded shapes data set (generated, deterministic) with a small
 agent backbone, so it runs on a fresh CPU machine in minutes. ``--preset`` selects an official

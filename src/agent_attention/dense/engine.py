@@ -1,6 +1,6 @@
 """Training and evaluation loops for the dense tasks.
 
-* losses and evaluation (COCO mAP, mIoU) of the torchvision detectors and smp segmenters;
+* losses and evaluation (COCO mAP, mIoU) of the detectors and segmenters;
 * a resumable iteration loop: the optimizer and per-iteration scheduler come from
   :mod:`agent_attention.train.optim` (one parameter-group rule, timm schedulers with mmcv's
   warm-up), the data order from :class:`agent_attention.train.data.ResumableSampler` (a function

@@ -161,3 +161,36 @@ def get_release(name: str, task: Optional[str] = None) -> DenseRelease:
 def official_url(name: str) -> str:
     """The download URL of a released dense model ('' if it has none)."""
     return get_release(name).url
+
+
+def format_releases(fmt: str = "table", task: Optional[str] = None, released_only: bool = False) -> str:
+    """The dense models as an aligned text ``table``, GitHub ``markdown`` or ``csv``: name, head,
+    backbone, schedule, parameters and the paper's COCO box / mask mAP or ADE20K mIoU / mAcc."""
+    import csv
+    import io
+
+    head = ["model", "task", "backbone", "schedule", "params (M)", "box mAP", "mask mAP", "mIoU", "mAcc", "weights"]
+    body = []
+    for r in (RELEASES if released_only else CONFIGS).values():
+        if task is not None and r.task != task:
+            continue
+        num = [(f"{v:.1f}" if k in ("box", "mask") else f"{v:.2f}") if v is not None else ""
+               for k, v in (("box", r.box_map), ("mask", r.mask_map), ("miou", r.miou), ("macc", r.macc))]
+        body.append([r.name, r.task, r.backbone, r.schedule, str(r.params_m)] + num +
+                    ["released" if r.released else "no link"])
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([head] + body)
+        return buf.getvalue().rstrip("\n")
+    numeric = [h in ("params (M)", "box mAP", "mask mAP", "mIoU", "mAcc") for h in head]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+    if fmt == "table":
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+
+        def line(cells) -> str:
+            return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
+
+        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in body])
+    raise ValueError(f"format must be 'table', 'markdown' or 'csv', got {fmt!r}")

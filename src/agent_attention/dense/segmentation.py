@@ -55,7 +55,9 @@ class Segmenter(nn.Module):
         else:
             self.neck = None
             self.decode_head = UPerHead(chans, decoder_channels, (1, 2, 3, 6), num_classes, dropout)
-        self.auxiliary_head = FCNHead(chans[2], aux_channels, 1, num_classes, dropout) if aux_channels else None
+        # on the third level of extract_feat (backbone stage 3; the FPN's third level when there is a neck)
+        aux_in = decoder_channels if kind == "fpn" else chans[2]
+        self.auxiliary_head = FCNHead(aux_in, aux_channels, 1, num_classes, dropout) if aux_channels else None
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
 
