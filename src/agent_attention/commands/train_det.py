@@ -1,4 +1,5 @@
-"""``agent-attention train-det``: train / evaluate a torchvision detector with an agent backbone.
+"""``agent-attention train-det``: train / evaluate an official detector (Mask R-CNN, Cascade Mask R-CNN,
+RetinaNet) with an agent backbone.
 
 Without ``--data`` it trains on the embedded shapes data set (generated, deterministic) with a small
 agent backbone, so it runs on a fresh CPU machine in minutes. ``--preset`` selects an official COCO
@@ -18,7 +19,7 @@ PROG = "agent-attention train-det"
 def build_parser():
     from ..dense.recipe import DET_FIELDS, dense_recipes
 
-    p = _dense.build_parser(PROG, "Train or evaluate a detector (Mask R-CNN, RetinaNet, FCOS) with an agent backbone.",
+    p = _dense.build_parser(PROG, "Train or evaluate a detector (Mask R-CNN, Cascade Mask R-CNN, RetinaNet) with an agent backbone.",
                             "det", DET_FIELDS, dense_recipes("det"))
     p.add_argument("--train-split", default="train2017", help="COCO training split (annotations/instances_<split>.json)")
     p.add_argument("--val-split", default="val2017", help="COCO validation split")
@@ -30,7 +31,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torch.utils.data import DataLoader, Subset
 
     from ..dense import data as D
-    from ..dense.detection import build_detector
+    from ..dense.detectors import build_detector
     from ..dense.engine import detection_loss, evaluate_detection
     from ..dense.metrics import coco_from_dict
     from ..dense.recipe import DET_FIELDS, backbone_kwargs
@@ -40,24 +41,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.data is None:
         train_set = D.ShapesDetection(args.num_train, args.image_size, seed=args.seed, train=True)
         val_set = D.ShapesDetection(args.num_val, args.image_size, seed=args.seed + 1)
-        coco_gt, label_to_cat, num_classes = coco_from_dict(D.shapes_coco_gt(val_set)), None, 1 + len(D.SHAPE_CLASSES)
+        coco_gt, label_to_cat, num_classes = coco_from_dict(D.shapes_coco_gt(val_set)), None, len(D.SHAPE_CLASSES)
     else:
         train_set = D.CocoFolder(args.data, args.train_split, train=True)
         val_set = D.CocoFolder(args.data, args.val_split)
-        coco_gt, label_to_cat, num_classes = val_set.coco, val_set.label_to_cat, len(val_set.label_to_cat)
+        coco_gt, label_to_cat, num_classes = val_set.coco, val_set.label_to_cat, len(val_set.label_to_cat) - 1
         if args.num_val:
             val_set = Subset(val_set, range(min(args.num_val, len(val_set))))
     det_kwargs = dict(args.detector_defaults.get(args.detector, {}))
     det_kwargs.update(args.detector_kwargs)
     model = build_detector(args.detector, args.backbone, num_classes, pretrained_backbone=args.pretrained,
                            strict=not args.no_strict, agent_shapes=args.agent_shapes, fpn_channels=args.fpn_channels,
-                           min_size=args.min_size, max_size=args.max_size, anchor_size=args.anchor_size,
-                           box_rep_size=args.box_rep_size, mask_channels=args.mask_channels,
-                           backbone_kwargs=backbone_kwargs(args, args.detector), **det_kwargs)
-    print(model.backbone.body.describe())
+                           fc_channels=args.fc_channels, min_size=args.min_size, max_size=args.max_size,
+                           anchor_scale=args.anchor_scale, backbone_kwargs=backbone_kwargs(args, args.detector), **det_kwargs)
+    print(model.backbone.describe())
     print(f"{args.detector}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(train_set)} training / {len(val_set)} validation images")
-    iou_types = ("bbox", "segm") if args.detector == "mask_rcnn" else ("bbox",)
+    iou_types = ("bbox", "segm") if model.with_mask else ("bbox",)
     val_loader = DataLoader(val_set, batch_size=max(1, min(args.batch_size, 8)), collate_fn=D.detection_collate,
                             num_workers=args.workers)
     device = torch.device(args.device)

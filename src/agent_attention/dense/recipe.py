@@ -40,18 +40,18 @@ COMMON_FIELDS: List[Field] = [
 ]
 
 DET_FIELDS: List[Field] = COMMON_FIELDS + [
-    _f("detector", "mask_rcnn", "str", "torchvision detector", choices=("mask_rcnn", "retinanet", "fcos")),
-    _f("detector_kwargs", {}, "dict", "JSON/yaml mapping for the torchvision detector (rpn_batch_size_per_image, "
-       "box_detections_per_img or detections_per_img, score thresholds ...)"),
+    _f("detector", "mask_rcnn", "str", "detector (the official mmdet computation)",
+       choices=("mask_rcnn", "cascade_mask_rcnn", "retinanet")),
+    _f("detector_kwargs", {}, "dict", "JSON/yaml mapping for the detector: test_cfg / train_cfg by part (rpn, rcnn, "
+       "head), e.g. {test_cfg: {rcnn: {score_thr: 0.05, max_per_img: 100}}}, with_mask ..."),
     _f("detector_defaults", {}, "dict", "detector keyword arguments by detector, under detector_kwargs"),
     _f("epochs", 12, "int", "training epochs"),
     _f("milestones", [], "floats", "comma-separated epochs (may be fractional) where the lr drops x0.1"),
     _f("min_size", 800, "int", "shorter image side of the detector's resize"),
     _f("max_size", 1333, "int", "longer image side limit of the detector's resize"),
-    _f("anchor_size", None, "float", "smallest anchor size (default: torchvision's 32, FCOS 8)", True),
+    _f("anchor_scale", None, "float", "anchor size in strides (default: official, RPN 8, RetinaNet 4)", True),
     _f("fpn_channels", 256, "int", "FPN channels"),
-    _f("box_rep_size", 1024, "int", "Mask R-CNN box head representation size"),
-    _f("mask_channels", 256, "int", "Mask R-CNN mask head channels"),
+    _f("fc_channels", 1024, "int", "box head FC width (Mask R-CNN, Cascade)"),
 ]
 
 SEG_FIELDS: List[Field] = COMMON_FIELDS + [

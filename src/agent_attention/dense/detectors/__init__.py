@@ -39,7 +39,7 @@ def build_detector(kind: str = "mask_rcnn", backbone: str = "agent_pvt_tiny", nu
         backbone_kwargs: for ``timm.create_model`` (``drop_path_rate``, dims of tiny models …).
         test_cfg, train_cfg: overrides by part (``rpn``, ``rcnn``, ``head``), e.g.
             ``{"rcnn": {"score_thr": 0.05, "max_per_img": 100}}``.
-        **kwargs: for :class:`Detector` (``with_mask``, ``rpn_smooth_l1_beta``, ``size_divisor``).
+        **kwargs: for :class:`Detector` (``with_mask``, ``anchor_scale``, ``rpn_smooth_l1_beta``, ``size_divisor``).
     """
     body = AgentBackbone(backbone, agent_shapes=agent_shapes, checkpoint=pretrained_backbone, strict=strict,
                          **(backbone_kwargs or {}))

@@ -40,11 +40,12 @@ STD = (58.395, 57.12, 57.375)
 
 class Detector(nn.Module):
     """An official mmdet detector over an :class:`AgentBackbone` (official state-dict layout after
-    :meth:`official_to_ours`). ``num_classes``: object classes (80 for COCO), without background."""
+    :meth:`official_to_ours`). ``num_classes``: object classes (80 for COCO), without background;
+    ``anchor_scale``: anchor size in strides (official: RPN 8, RetinaNet 4; smaller for tiny images)."""
 
     def __init__(self, kind: str, backbone: AgentBackbone, num_classes: int = 80, *, fpn_channels: int = 256,
                  fc_channels: int = 1024, with_mask: Optional[bool] = None, min_size: int = 800, max_size: int = 1333,
-                 size_divisor: int = 32, rpn_smooth_l1_beta: Optional[float] = None,
+                 size_divisor: int = 32, rpn_smooth_l1_beta: Optional[float] = None, anchor_scale: Optional[float] = None,
                  test_cfg: Optional[Dict[str, dict]] = None, train_cfg: Optional[Dict[str, dict]] = None):
         super().__init__()
         if kind not in DETECTORS:
@@ -58,13 +59,15 @@ class Detector(nn.Module):
         chans = list(backbone.out_channels)
         if kind == "retinanet":
             self.neck = FPN(chans[1:], fpn_channels, 5, extra="on_input")
-            self.bbox_head = RetinaHead(num_classes, fpn_channels, test_cfg=test_cfg.get("head"), train_cfg=train_cfg.get("head"))
+            self.bbox_head = RetinaHead(num_classes, fpn_channels, anchor_scale=anchor_scale or 4.0,
+                                        test_cfg=test_cfg.get("head"), train_cfg=train_cfg.get("head"))
             self.with_mask = False
         else:
             self.neck = FPN(chans, fpn_channels, 5, extra="pool")
             if rpn_smooth_l1_beta is None and kind == "cascade_mask_rcnn":
                 rpn_smooth_l1_beta = 1.0 / 9.0  # the official Cascade configs' RPN box loss
-            self.rpn_head = RPNHead(fpn_channels, smooth_l1_beta=rpn_smooth_l1_beta, test_cfg=test_cfg.get("rpn"),
+            self.rpn_head = RPNHead(fpn_channels, smooth_l1_beta=rpn_smooth_l1_beta, anchor_scale=anchor_scale or 8.0,
+                                    test_cfg=test_cfg.get("rpn"),
                                     train_cfg=train_cfg.get("rpn"))
             self.with_mask = True if with_mask is None else bool(with_mask)
             self.roi_head = RoIHead(num_classes, cascade=kind == "cascade_mask_rcnn", with_mask=self.with_mask,

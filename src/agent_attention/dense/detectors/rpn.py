@@ -21,12 +21,13 @@ class RPNHead(nn.Module):
     """Region proposal head (official layout ``rpn_conv``, ``rpn_cls``, ``rpn_reg``).
 
     ``smooth_l1_beta``: the box loss (``None``: L1, Mask R-CNN configs; ``1/9``: Cascade configs).
+    ``anchor_scale``: anchor size in strides (official 8: 32 pixels on P2).
     """
 
     def __init__(self, channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32, 64),
-                 smooth_l1_beta: float = None, test_cfg: dict = None, train_cfg: dict = None):
+                 smooth_l1_beta: float = None, anchor_scale: float = 8.0, test_cfg: dict = None, train_cfg: dict = None):
         super().__init__()
-        self.anchors = AnchorGenerator(strides, ratios=(0.5, 1.0, 2.0), scales=(8,))
+        self.anchors = AnchorGenerator(strides, ratios=(0.5, 1.0, 2.0), scales=(anchor_scale,))
         a = self.anchors.num_anchors
         self.rpn_conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(channels, a, 1)
