@@ -226,6 +226,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .._dtypes import warn_slow_dtype
+
+    device = common.resolve_device(args.device)
+    for dtype in _dtypes(args.dtype, device):
+        warn_slow_dtype(dtype, device, f"--dtype {str(dtype).replace('torch.', '')}", "agent-attention bench op")
     for name, value in (("--sizes", min(args.sizes)), ("--batch", args.batch), ("--repeats", args.repeats)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -234,7 +239,6 @@ def _main(args: argparse.Namespace) -> int:
     if math.isqrt(args.agents) ** 2 != args.agents:
         raise ValueError(f"--agents must be a square number, got {args.agents}")
     common.set_threads(args.threads)
-    device = common.resolve_device(args.device)
     info = common.machine_info(device)
     biases = BIAS_CHOICES[args.bias]
     passes = ("fwd", "fwdbwd") if args.backward else ("fwd",)

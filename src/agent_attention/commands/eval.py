@@ -127,10 +127,10 @@ def _resolve(args: argparse.Namespace):
     from .._dtypes import warn_slow_dtype
     from ..train.data import check_data
 
-    check_data(cfg, train=False)
     device = resolve_device(cfg.device)
     dtype = check_amp(cfg.amp, device)
     warn_slow_dtype(dtype, device, f"--amp {cfg.amp}", PROG)
+    check_data(cfg, train=False)
     return cfg, ckpt, dtype
 
 

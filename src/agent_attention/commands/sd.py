@@ -10,6 +10,7 @@ The model directory is loaded with ``DiffusionPipeline.from_pretrained(path, loc
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     p.add_argument("--warmup", type=int, default=1, help="untimed 1-step generations before timing (default 1)")
-    p.add_argument("--out", default="agentsd.png", help="output PNG (left: baseline, right: AgentSD)")
+    p.add_argument("--out", default="agentsd.png",
+                   help="output image, format from the extension: .png, .jpg, .webp (left: baseline, right: AgentSD)")
     return p
 
 
@@ -70,29 +72,68 @@ def side_by_side(images, labels: Optional[List[str]] = None):
     return canvas
 
 
-def _save_png(image, path: Path) -> None:
+def image_format(path) -> str:
+    """The PIL format of ``path``'s extension (``.png`` -> PNG, ``.jpg`` -> JPEG, ...); a usage error
+    for a name without a known image extension."""
+    from PIL import Image
+
+    ext = Path(path).suffix.lower()
+    formats = Image.registered_extensions()
+    if ext not in formats or formats[ext] not in _WRITABLE:
+        raise UsageError(f"--out {path}: give an image file name ending in .png, .jpg or .webp")
+    return formats[ext]
+
+
+_WRITABLE = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+
+
+def _save(image, path: Path, fmt: str) -> None:
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+
+
+def resolve_device(spec: Optional[str]):
+    """``--device`` as a torch device (default: cuda if available); a usage error for an unknown
+    name or a device this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"unknown device {spec!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise UsageError(f"--device {spec}: this machine has {have}; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
+    return device
 
 
 @command(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .._dtypes import warn_slow_dtype
+
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    warn_slow_dtype(dtype_name, device, f"--dtype {dtype_name}", PROG)
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise UsageError(f"--model {model} is not a local diffusers pipeline directory (no model_index.json)")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a directory; give a .png file name")
+        raise UsageError(f"--out {args.out} is a directory; give an image file name (.png, .jpg, .webp)")
+    fmt = image_format(args.out)
+    if args.switch_step is not None and not args.no_schedule and args.switch_step >= args.steps:
+        print(f"{PROG}: note: --switch-step {args.switch_step} >= --steps {args.steps}: the second phase never "
+              "runs (every step keeps the first-phase settings, as with --no-schedule)", file=sys.stderr)
 
     import torch
     from diffusers import DiffusionPipeline
 
     from ..diffusion.patch import PAPER_LATE, AgentSDSchedule, apply_agentsd, remove_agentsd
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, _DTYPES[dtype_name])
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older ones only know torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -135,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         remove_agentsd(pipe)
 
     out = Path(args.out)
-    _save_png(side_by_side([baseline, agentsd], ["baseline", "AgentSD"]), out)
+    _save(side_by_side([baseline, agentsd], ["baseline", "AgentSD"]), out, fmt)
     print(f"model: {model} ({type(pipe).__name__}, {device}, {dtype_name}), {args.steps} steps, "
           f"schedule switch at step {switch}")
     print(f"baseline: {t_base:.2f} s   AgentSD: {t_agent:.2f} s   speed-up x{t_base / max(t_agent, 1e-9):.2f}")

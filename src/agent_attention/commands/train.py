@@ -64,10 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from ..train.run_dir import check_run_dir
             from ._weights import check_model
 
-            check_model(cfg.model, cfg.model_kwargs, cfg.img_size, cfg.num_classes)
-            check_data(cfg, train=True)
             device = resolve_device(cfg.device)
             warn_slow_dtype(amp_dtype(cfg.amp, device), device, f"--amp {cfg.amp}", PROG)
+            check_model(cfg.model, cfg.model_kwargs, cfg.img_size, cfg.num_classes)
+            check_data(cfg, train=True)
             check_run_dir(cfg.output or f"runs/{cfg.recipe}", bool(cfg.resume), args.overwrite,
                           log=lambda m: print(m, file=sys.stderr))
     if args.print_config:
