@@ -220,3 +220,85 @@ def test_smoke_run_of_another_model_on_a_folder(capsys, tmp_path, one_thread):
     assert rc == 0, err
     assert "using batch_size 4" in err  # the recipe's 128 is more than the folder holds
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- first contact
+def test_ddp_gradients_keep_the_parameter_strides():
+    """The DWC weight (C, 1, 3, 3) gets its gradient from torch's depthwise conv backward with stride 1
+    on the size-1 dim; DDP compares stride tuples literally and warned on every rank."""
+    from agent_attention.models import create_model
+    from agent_attention.train.engine import match_grad_strides
+
+    model = create_model("agent_deit_tiny", img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, agent_num=4)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    dwc = model.blocks[0].attn.dwc.weight
+    if dwc.grad.stride() == dwc.stride():
+        pytest.skip("this torch build returns the depthwise weight gradient with the weight's strides")
+    model.zero_grad(set_to_none=True)
+    assert match_grad_strides(model) >= 1
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert bad == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_sd_device_output_format_and_switch_step(capsys, tmp_path):
+    model = tmp_path / "sd-model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    base = ["sd", "--model", str(model), "--prompt", "a cat"]
+    error_line(capsys, cli([*base, "--device", "cuda"]), 2, "--device cuda: this machine has no CUDA GPU", "--device cpu")
+    error_line(capsys, cli([*base, "--out", str(tmp_path / "x.gif")]), 2, "x.gif", ".png, .jpg or .webp")
+    error_line(capsys, cli([*base, "--out", str(tmp_path / "x")]), 2, ".png, .jpg or .webp")
+    cli([*base, "--switch-step", "5", "--steps", "2", "--out", str(tmp_path / "x.png")])  # fails later: no real model
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(notes) == 1 and "--switch-step 5 >= --steps 2" in notes[0]
+
+
+@pytest.mark.parametrize("name, fmt", [("x.jpg", "JPEG"), ("x.JPEG", "JPEG"), ("x.png", "PNG"), ("x.webp", "WEBP")])
+def test_sd_writes_the_format_of_the_extension(tmp_path, name, fmt):
+    from PIL import Image
+
+    from agent_attention.commands.sd import _save, image_format, side_by_side
+
+    im = Image.new("RGB", (8, 8), "red")
+    _save(side_by_side([im, im], ["a", "b"]), tmp_path / name, image_format(name))
+    with Image.open(tmp_path / name) as back:
+        assert back.format == fmt
+
+
+def test_models_says_what_it_does_when_piped(capsys, monkeypatch):
+    from agent_attention.models import report
+
+    monkeypatch.setattr(report, "model_stats", lambda name, flops=False: report.ModelStats(name=name, flops=1e9 if flops else None))
+    assert cli(["models"]) == 0
+    out = capsys.readouterr()
+    assert "counting params and GFLOPs of 18 models" in out.err and "--no-flops" in out.err
+    assert "agent_swin_tiny" in out.out
+
+
+def test_show_keeps_the_aspect_of_a_wide_image(tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from agent_attention import viz
+
+    Image.new("RGB", (200, 100), "gray").save(tmp_path / "wide.png")
+    seen = {}
+    draw = viz.draw
+
+    def spy(image, *args):
+        seen["shape"] = image.shape
+        return draw(image, *args)
+
+    monkeypatch.setattr(viz, "draw", spy)
+    assert cli(["show", "--model", "agent_pvt_t", "--image", str(tmp_path / "wide.png"), "--img-size", "64",
+                "--out", str(tmp_path / "a.png")]) == 0
+    assert seen["shape"] == (64, 128, 3)  # 2:1 kept, not cropped or squashed to 64 x 64
+    assert viz.load_image(str(tmp_path / "wide.png"), 64).shape == (64, 64, 3)  # the square crop on request
+
+
+def test_offline_pretrained_hint_names_the_flag(capsys):
+    line = error_line(capsys, cli(["eval", "--model", "agent_deit_tiny", "--pretrained", "--no-accuracy",
+                                   "--no-throughput"]), 1, "--checkpoint PATH instead of --pretrained")
+    assert "pretrained_cfg_overlay" not in line

@@ -170,8 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(cfg.threads)
         loaders = build_loaders(cfg, dist.rank, dist.world_size, dist.device, train=False)
         num_classes = _num_classes(cfg, ckpt, args, loaders.num_classes)
-        model = build_model(cfg.model, num_classes, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs,
-                            pretrained=args.pretrained)
+        from ._weights import cli_weights_hint
+
+        with cli_weights_hint():
+            model = build_model(cfg.model, num_classes, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs,
+                                pretrained=args.pretrained)
         if ckpt is not None:
             load_official_checkpoint(model, ckpt, strict=True, use_ema=args.ema)
         classes = getattr(model.get_classifier() if hasattr(model, "get_classifier") else None, "out_features", None)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional
 
 from ._dispatch import command
@@ -20,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format: aligned text table, GitHub markdown or CSV (default: table)")
     p.add_argument("--markdown", action="store_true", help="shorthand for --format markdown")
     p.add_argument("--no-flops", dest="flops", action="store_false",
-                   help="skip counting GFLOPs (counting takes a few seconds per model)")
+                   help="skip counting GFLOPs (counting traces a forward pass of every model: about a second each)")
     p.add_argument("--names", choices=("official", "all"), default="official",
                    help="official: the 18 released models; all: every registered model")
     p.add_argument("--no-aliases", action="store_true", help="leave out the aliases column")
@@ -34,6 +33,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     fmt, flops = ("markdown", True) if args.markdown else (args.format, args.flops)
-    rows = report.collect(args.names, flops=flops, progress=flops and sys.stderr.isatty())
+    rows = report.collect_with_progress(args.names, flops=flops)
     print(report.format_rows(rows, fmt, aliases=not args.no_aliases))
     return 0

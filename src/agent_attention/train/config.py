@@ -413,6 +413,8 @@ def config_from_args(args: argparse.Namespace, note=None) -> Config:
 
 
 def _stderr_note(text: str) -> None:
+    import os
     import sys
 
-    print(text, file=sys.stderr)
+    if os.environ.get("RANK", "0") in ("", "0"):  # once under torchrun
+        print(text, file=sys.stderr)
