@@ -291,8 +291,8 @@ def report(records: List[dict], args, info: dict, final: bool) -> list:
     goal_lines = goals(records, size=args.sizes[0])
     if goal_lines:
         if final:
-            print("\nGoals (issue 14, item 2)\n" + "\n".join(goal_lines))
-        md_parts.append("### Goals (issue 14, item 2)\n\n" + "\n".join(goal_lines))
+            print("\nGoals\n" + "\n".join(goal_lines))
+        md_parts.append("### Goals\n\n" + "\n".join(goal_lines))
     paths = []
     if final and not args.no_plot:
         paths.append(plot(records, args.out / "models.png",

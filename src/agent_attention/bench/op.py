@@ -13,7 +13,7 @@ agent biases (``--bias``), forward and (``--backward``) forward + backward:
   forward + backward also the output gradient) into a preallocated buffer, timed the same way.
 
 All methods of one grid size and pass are timed in the same interleaved rounds. Prints tables with
-ratios and the issue-14 goals, writes ``op.md``/``op.json``/``op.png``.
+ratios and the speed goals, writes ``op.md``/``op.json``/``op.png``.
 """
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def _main(args: argparse.Namespace) -> int:
                 sections.append(f"### {title}\n\n{common.markdown_table(headers, rows)}\n\n{note}".rstrip())
         lines = goals(recs)
         if lines:
-            print("goals (issue 14):\n" + "\n".join(lines))
+            print("goals:\n" + "\n".join(lines))
             sections.append(f"### Goals, {name} on {device}\n\n" + "\n".join(lines))
         if not args.no_plot:
             png = plot(recs, args.methods, args.out / ("op.png" if dtype == _dtypes(args.dtype, device)[0] else f"op_{name}.png"),
