@@ -275,4 +275,4 @@ def test_sd_combine_rows_and_goals(tmp_path):
         (d / "sd.json").write_text(json.dumps(r))
         dirs.append(str(d))
     assert sd_combine.main(dirs + ["--out", str(tmp_path / "out"), "--no-plot"]) == 0
-    assert "### Goals (issue 11)" in (tmp_path / "out" / "sd.md").read_text()
+    assert "### Goals" in (tmp_path / "out" / "sd.md").read_text()

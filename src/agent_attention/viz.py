@@ -57,8 +57,10 @@ class AgentCall:
 
 
 # --------------------------------------------------------------------------- image
-def load_image(path: Optional[str], size: int) -> np.ndarray:
-    """RGB ``uint8 (size, size, 3)``: shorter side resized to ``size``, centre crop.
+def load_image(path: Optional[str], size: int, keep_aspect: bool = False, multiple: int = 32) -> np.ndarray:
+    """RGB ``uint8``: shorter side resized to ``size``; then a centre crop to ``(size, size, 3)``, or
+    with ``keep_aspect`` the whole image (the longer side rounded to a multiple of ``multiple``, so
+    a non-square photo is neither squashed nor cropped: the models take any H × W).
 
     ``path=None`` uses scikit-image's sample photo ``astronaut``.
     """
@@ -80,6 +82,11 @@ def load_image(path: Optional[str], size: int) -> np.ndarray:
             raise ValueError(f"--image: cannot read {path!r} as an image ({e})") from None
     w, h = img.size
     s = size / min(w, h)
+    if keep_aspect:
+        def side(n: int) -> int:
+            return size if n == min(w, h) else max(size, multiple * round(n * s / multiple))
+
+        return np.asarray(img.resize((side(w), side(h)), Image.BICUBIC))
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
@@ -169,10 +176,12 @@ def agent_maps(call: AgentCall, head: Optional[int] = None) -> Dict[str, object]
 
 
 # --------------------------------------------------------------------------- drawing
-def _cells(hw: Tuple[int, int], grid: Tuple[int, int], size: int):
-    """Pixel boxes ``(x0, y0, x1, y1)`` of the adaptive-pool bins, agent order (row-major)."""
+def _cells(hw: Tuple[int, int], grid: Tuple[int, int], size):
+    """Pixel boxes ``(x0, y0, x1, y1)`` of the adaptive-pool bins, agent order (row-major);
+    ``size``: the image's ``(height, width)`` in pixels (an int: square)."""
     (H, W), (gh, gw) = hw, grid
-    sy, sx = size / H, size / W
+    height, width = (size, size) if isinstance(size, int) else size
+    sy, sx = height / H, width / W
     boxes = []
     for i in range(gh):
         y0, y1 = math.floor(i * H / gh), math.ceil((i + 1) * H / gh)
@@ -198,19 +207,20 @@ def draw(image: np.ndarray, maps: Dict[str, object], agents: Sequence[int], titl
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    size = image.shape[0]
+    height, width = image.shape[:2]
     a2t, t2a = maps["agent_to_token"], maps["token_to_agent"]
     H, W, n = a2t.shape
-    boxes = _cells(maps["hw"], maps["agent_grid"], size)
+    boxes = _cells(maps["hw"], maps["agent_grid"], (height, width))
     colors = _agent_colors(maps["agent_grid"])
     panels = 2 + len(agents)
     ncols = math.ceil(panels / math.ceil(panels / 4))
     nrows = math.ceil(panels / ncols)
-    fig = Figure(figsize=(3.6 * ncols, 3.5 * nrows + 0.5), layout="constrained")
+    aspect = width / height  # panels keep the image's shape
+    fig = Figure(figsize=(3.6 * ncols * max(1.0, aspect), 3.5 * nrows / min(1.0, aspect) + 0.5), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
-    extent = (0, size, size, 0)
+    extent = (0, width, height, 0)
     gray = image.astype(np.float32).mean(-1) / 255.0
 
     ax = axes[0]

@@ -251,6 +251,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .._dtypes import warn_slow_dtype
+
+    device = common.resolve_device(args.device)
+    for amp in args.amp:
+        warn_slow_dtype(AMPS[amp], device, f"--amp {amp}", "agent-attention bench models")
     if min(args.batch) < 1 or args.sweep_batch < 1 or args.repeats < 1 or min(args.sizes) < 32:
         raise ValueError("--batch, --sweep-batch and --repeats must be positive and --sizes at least 32")
     if args.train_sizes and not set(args.train_sizes) <= set(args.sizes):
@@ -262,9 +267,6 @@ def _main(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; see `agent-attention models`")
     common.set_threads(args.threads)
-    device = common.resolve_device(args.device)
-    if "fp16" in args.amp and device.type == "cpu":
-        print("note: fp16 autocast on CPU is slow on most CPUs; bf16 is the CPU choice")
     info = common.machine_info(device)
     print(f"bench models on {common.machine_line(info)}")
     print(f"random weights; precisions {', '.join(args.amp)}; modes {', '.join(args.modes)}")
@@ -289,8 +291,8 @@ def report(records: List[dict], args, info: dict, final: bool) -> list:
     goal_lines = goals(records, size=args.sizes[0])
     if goal_lines:
         if final:
-            print("\nGoals (issue 14, item 2)\n" + "\n".join(goal_lines))
-        md_parts.append("### Goals (issue 14, item 2)\n\n" + "\n".join(goal_lines))
+            print("\nGoals\n" + "\n".join(goal_lines))
+        md_parts.append("### Goals\n\n" + "\n".join(goal_lines))
     paths = []
     if final and not args.no_plot:
         paths.append(plot(records, args.out / "models.png",

@@ -10,7 +10,7 @@ __all__ = ["GOAL_SPEEDUP", "goals", "label", "plot", "profile_table", "tables"]
 
 VARIANT_ORDER = ("agent", "official", "math", "softmax", "compiled")
 MODE_TITLES = {"infer": "Inference", "train": "Training step (forward + backward + AdamW)"}
-GOAL_SPEEDUP = 1.15  # issue 14: every T model >= 1.15x the official-style baseline at 224, batch 1 and 8
+GOAL_SPEEDUP = 1.15  # the goal: every T model >= 1.15x the official-style baseline at 224, batch 1 and 8
 
 
 def label(variant: str, amp: str) -> str:
@@ -67,7 +67,7 @@ def tables(records: List[dict]) -> List[Tuple[str, List[str], List[List[str]]]]:
 
 
 def goals(records: List[dict], size: int = 224) -> List[str]:
-    """The issue-14 model goals at ``size``, met or missed by a factor: per mode and precision, every
+    """The model speed goals at ``size``, met or missed by a factor: per mode and precision, every
     model's ``agent/official`` speed-up ≥ :data:`GOAL_SPEEDUP` at every measured batch, and (training)
     peak memory no higher than the official-style baseline's."""
     ok = [r for r in records if "mode" in r and r.get("size") == size and r.get("images_per_s")]

@@ -13,7 +13,7 @@ agent biases (``--bias``), forward and (``--backward``) forward + backward:
   forward + backward also the output gradient) into a preallocated buffer, timed the same way.
 
 All methods of one grid size and pass are timed in the same interleaved rounds. Prints tables with
-ratios and the issue-14 goals, writes ``op.md``/``op.json``/``op.png``.
+ratios and the speed goals, writes ``op.md``/``op.json``/``op.png``.
 """
 from __future__ import annotations
 
@@ -226,6 +226,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .._dtypes import warn_slow_dtype
+
+    device = common.resolve_device(args.device)
+    for dtype in _dtypes(args.dtype, device):
+        warn_slow_dtype(dtype, device, f"--dtype {str(dtype).replace('torch.', '')}", "agent-attention bench op")
     for name, value in (("--sizes", min(args.sizes)), ("--batch", args.batch), ("--repeats", args.repeats)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -234,7 +239,6 @@ def _main(args: argparse.Namespace) -> int:
     if math.isqrt(args.agents) ** 2 != args.agents:
         raise ValueError(f"--agents must be a square number, got {args.agents}")
     common.set_threads(args.threads)
-    device = common.resolve_device(args.device)
     info = common.machine_info(device)
     biases = BIAS_CHOICES[args.bias]
     passes = ("fwd", "fwdbwd") if args.backward else ("fwd",)
@@ -263,7 +267,7 @@ def _main(args: argparse.Namespace) -> int:
                 sections.append(f"### {title}\n\n{common.markdown_table(headers, rows)}\n\n{note}".rstrip())
         lines = goals(recs)
         if lines:
-            print("goals (issue 14):\n" + "\n".join(lines))
+            print("goals:\n" + "\n".join(lines))
             sections.append(f"### Goals, {name} on {device}\n\n" + "\n".join(lines))
         if not args.no_plot:
             png = plot(recs, args.methods, args.out / ("op.png" if dtype == _dtypes(args.dtype, device)[0] else f"op_{name}.png"),

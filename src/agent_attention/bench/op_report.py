@@ -51,7 +51,7 @@ def table(records: List[dict], methods: Sequence[str]):
 
 
 def goals(records: List[dict]) -> List[str]:
-    """The issue-14 goals, met or missed by a factor: the op never slower than the math path (every
+    """The op's speed goals, met or missed by a factor: the op never slower than the math path (every
     size, bias and pass) and, at 128² with the biases, ≥ 100× SDPA softmax attention and within 3× of
     the memory floor (forward)."""
     lines = []

@@ -272,6 +272,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = common.resolve_device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    from .._dtypes import warn_slow_dtype
+
+    warn_slow_dtype(dtype, device, f"--dtype {args.dtype}", "agent-attention bench sd")
     info = common.machine_info(device)
     print(f"bench sd on {common.machine_line(info)}")
     unet = build_unet(args).to(device, dtype).eval()

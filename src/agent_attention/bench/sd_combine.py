@@ -17,7 +17,7 @@ from . import common
 __all__ = ["GOALS", "rows", "goals", "main"]
 
 EARLY = 0.4  # the paper's schedule: agents for 40 % of the steps (20 of 50), ToMe 2x2 for the rest
-# issue 11: (size, dtype, method) -> minimum speed-up over the baseline (wall time)
+# the goals: (size, dtype, method) -> minimum speed-up over the baseline (wall time)
 GOALS = {(512, "fp32", "agentsd"): 1.3, (512, "bf16", "agentsd"): 1.7, (512, "fp32", "schedule"): 1.2,
          (512, "bf16", "schedule"): 1.5, (1024, "fp32", "agentsd"): 1.8}
 COLUMNS = ("tomesd", "todo", "agentsd", "agentsd-late", "schedule")
@@ -53,7 +53,7 @@ def rows(runs: Sequence[dict], ratio: float = 0.4) -> List[dict]:
 
 
 def goals(table: Sequence[dict]) -> List[str]:
-    """The issue-11 goals, met or missed by a factor (worst batch of each size and precision)."""
+    """The AgentSD speed goals, met or missed by a factor (worst batch of each size and precision)."""
     lines = []
     for (size, dtype, method), goal in GOALS.items():
         got = [(r["speedup"][method], r["batch"]) for r in table
@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     md = (f"Machine (first run): {machine}\n\nSpeed-ups over diffusers' fused SDPA UNet (wall time per UNet step, "
           f"median of the rounds; r = {args.ratio:g}; ToDo keeps as many keys/values as ToMe keeps tokens). "
           f"Each row is one `bench sd` process with interleaved rounds.\n\n" + markdown(table)
-          + "\n\n### Goals (issue 11)\n\n" + "\n".join(lines) + "\n")
+          + "\n\n### Goals\n\n" + "\n".join(lines) + "\n")
     print(md)
     written = common.write_outputs(args.out, "sd", md, {"runs": runs})
     if not args.no_plot:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any, Dict, List, Sequence
 
@@ -44,6 +45,8 @@ def build_parser(prog: str, description: str, task: str, fields: Sequence[Field]
     p.add_argument("--data", default=None, help="dataset folder (default: the embedded shapes data set)")
     p.add_argument("--output", default=f"runs/{task}", help="output folder (checkpoints, log.jsonl, metrics.json)")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' (<output>/last.pth if present)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --output folder that holds one (its checkpoints and logs are deleted)")
     p.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint (or the untrained model)")
     p.add_argument("--checkpoint", default=None, help="checkpoint of this command to evaluate with --eval-only")
     p.add_argument("--pretrained", default=None, help="classification checkpoint for the backbone (.pth/.safetensors)")
@@ -54,7 +57,7 @@ def build_parser(prog: str, description: str, task: str, fields: Sequence[Field]
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights, the data order and the embedded data")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-eval-init", action="store_true", help="skip evaluating the untrained model first")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (none either when stderr is not a terminal)")
     p.add_argument("--set", dest="set_", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any recipe field from a yaml value, e.g. --set drop_path_rates={}")
     group = p.add_argument_group("recipe fields (override the recipe)")
@@ -78,8 +81,15 @@ def build_parser(prog: str, description: str, task: str, fields: Sequence[Field]
 
 
 def parse(p: argparse.ArgumentParser, task: str, fields: Sequence[Field], argv: List[str]) -> argparse.Namespace:
-    """Parse ``argv`` and resolve the recipe: a namespace of the run options and every recipe field."""
+    """Parse ``argv`` and resolve the recipe: a namespace of the run options and every recipe field.
+    A bad recipe or value, a flat backbone, or a folder holding a run (without ``--resume`` or
+    ``--overwrite``) is a usage error."""
+    from .._extras import require
+    from ..dense.backbone import flat_backbone_error
     from ..dense.recipe import dense_recipes, load_dense_recipe
+    from ..models.registry import family_of
+    from ..train.run_dir import DENSE_RUN_FILES, check_run_dir
+    from ._dispatch import usage_errors
 
     args = p.parse_args(argv)
     if args.list_recipes:
@@ -88,9 +98,20 @@ def parse(p: argparse.ArgumentParser, task: str, fields: Sequence[Field], argv: 
     preset = args.preset or ("shapes" if args.data is None else None)
     if preset is None:
         p.error(f"--data needs a --preset (one of {', '.join(r for r in dense_recipes(task) if r != 'shapes')})")
-    cfg: Config = load_dense_recipe(task, preset, overrides_from_args(args, fields))
+    with usage_errors():
+        cfg: Config = load_dense_recipe(task, preset, overrides_from_args(args, fields))
+        if family_of(cfg["backbone"]) == "deit":
+            raise ValueError(flat_backbone_error(cfg["backbone"]))
+        if not args.eval_only:
+            check_run_dir(args.output, bool(args.resume), args.overwrite, DENSE_RUN_FILES)
+    if task == "det":
+        require("pycocotools", f"{p.prog} (COCO mAP)", "dense")
+    elif cfg.get("head") == "upernet":
+        require("segmentation_models_pytorch", f"{p.prog} --head upernet", "dense")
     run = argparse.Namespace(**{**vars(args), **cfg})
     run.preset = cfg["recipe"]
+    if not sys.stderr.isatty():  # piped logs get the per-evaluation lines, not progress-bar frames
+        run.no_progress = True
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._dispatch import UsageError
 
-__all__ = ["DTYPES", "load_pipeline", "pipeline_kwargs", "generate", "to_pil", "side_by_side", "grid", "save_png",
+__all__ = ["DTYPES", "load_pipeline", "pipeline_kwargs", "generate", "to_pil", "side_by_side", "grid", "save_image", "image_format",
            "resolve_device", "model_dir"]
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -26,15 +26,21 @@ def model_dir(path: str) -> Path:
     return model
 
 
-def resolve_device(name: Optional[str], dtype_name: Optional[str]):
+def resolve_device(name: Optional[str], dtype_name: Optional[str], prog: str = "agent-attention sd"):
     """``(torch.device, torch.dtype, dtype name)`` from ``--device`` / ``--dtype`` (defaults: cuda
-    if available; fp16 on cuda, fp32 elsewhere)."""
+    if available; fp16 on cuda, fp32 elsewhere). A device this machine lacks is a usage error; a
+    dtype without fast kernels on this CPU gets a one-line warning."""
     import torch
 
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    from .._device import resolve_device as _resolve
+    from .._dtypes import warn_slow_dtype
+
+    try:
+        device = _resolve(name or "auto")
+    except ValueError as e:
+        raise UsageError(f"--device {name}: {e}; use --device cpu") from None
     dtype_name = dtype_name or ("fp16" if device.type == "cuda" else "fp32")
+    warn_slow_dtype(dtype_name, device, f"--dtype {dtype_name}", prog)
     return device, getattr(torch, DTYPES[dtype_name]), dtype_name
 
 
@@ -134,8 +140,25 @@ def grid(rows: Sequence[Sequence[Any]], labels: Optional[List[str]] = None):
     return canvas
 
 
-def save_png(image, path: Path) -> None:
+_WRITABLE = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
+
+
+def image_format(path) -> str:
+    """The PIL format that ``path``'s extension names (``.png`` -> PNG, ``.jpg`` -> JPEG ...); a
+    usage error for a name without a known image extension."""
+    from PIL import Image
+
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt not in _WRITABLE:
+        raise UsageError(f"--out {path}: give an image file name ending in .png, .jpg or .webp")
+    return fmt
+
+
+def save_image(image, path: Path) -> None:
+    """Write ``image`` atomically in the format of ``path``'s extension."""
     from .._atomic import atomic_path
 
+    fmt = image_format(path)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))

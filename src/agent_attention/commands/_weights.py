@@ -2,11 +2,29 @@
 our checkpoints (a training ``.pth``'s ``config``, a ``.safetensors``'s metadata), or the flags."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-__all__ = ["read_checkpoint", "stored_config", "num_classes_in", "check_model"]
+__all__ = ["read_checkpoint", "stored_config", "num_classes_in", "check_model", "cli_weights_hint"]
+
+_PYTHON_HINT = re.compile(r"pretrained_cfg_overlay=dict\(file=PATH\)( or pretrained=False)?")
+
+
+@contextlib.contextmanager
+def cli_weights_hint():
+    """Errors of ``pretrained=True`` (offline, unknown weights) name the command line's way to use a
+    local file, ``--checkpoint PATH``, instead of the Python argument."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        text = str(e)
+        if not _PYTHON_HINT.search(text):
+            raise
+        text = _PYTHON_HINT.sub("--checkpoint PATH instead of --pretrained", text)
+        raise (OSError if isinstance(e, OSError) else ValueError)(text) from None
 
 
 def read_checkpoint(path: str) -> Tuple[Any, Dict[str, Any]]:

@@ -127,10 +127,10 @@ def _resolve(args: argparse.Namespace):
     from .._dtypes import warn_slow_dtype
     from ..train.data import check_data
 
-    check_data(cfg, train=False)
     device = resolve_device(cfg.device)
     dtype = check_amp(cfg.amp, device)
     warn_slow_dtype(dtype, device, f"--amp {cfg.amp}", PROG)
+    check_data(cfg, train=False)
     return cfg, ckpt, dtype
 
 
@@ -170,8 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(cfg.threads)
         loaders = build_loaders(cfg, dist.rank, dist.world_size, dist.device, train=False)
         num_classes = _num_classes(cfg, ckpt, args, loaders.num_classes)
-        model = build_model(cfg.model, num_classes, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs,
-                            pretrained=args.pretrained)
+        from ._weights import cli_weights_hint
+
+        with cli_weights_hint():
+            model = build_model(cfg.model, num_classes, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs,
+                                pretrained=args.pretrained)
         if ckpt is not None:
             load_official_checkpoint(model, ckpt, strict=True, use_ema=args.ema)
         classes = getattr(model.get_classifier() if hasattr(model, "get_classifier") else None, "out_features", None)

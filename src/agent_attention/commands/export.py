@@ -71,7 +71,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     try:
-        model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or "", **kwargs).eval()
+        from ._weights import cli_weights_hint
+
+        with cli_weights_hint():
+            model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or "",
+                                 **kwargs).eval()
         size = None if not args.size else (args.size * 2)[:2]
         example = _args(model, (args.batch, 3, *size) if size else None)[0]
         if size is None and args.batch != example.shape[0]:

@@ -3,7 +3,6 @@ detection / segmentation releases with the paper's COCO mAP and ADE20K mIoU."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional
 
 from ._dispatch import command
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format: aligned text table, GitHub markdown or CSV (default: table)")
     p.add_argument("--markdown", action="store_true", help="shorthand for --format markdown")
     p.add_argument("--no-flops", dest="flops", action="store_false",
-                   help="skip counting GFLOPs (counting takes a few seconds per model)")
+                   help="skip counting GFLOPs (counting traces a forward pass of every model: about a second each)")
     p.add_argument("--names", choices=("official", "all"), default="official",
                    help="official: the 18 released models; all: every registered model")
     p.add_argument("--no-aliases", action="store_true", help="leave out the aliases column")
@@ -46,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if fmt == "csv" and args.task == "all":
             raise ValueError("--format csv holds one table: add --task cls or --task dense (or det / seg)")
     if args.task in ("all", "cls"):
-        rows = report.collect(args.names, flops=flops, progress=flops and sys.stderr.isatty())
+        rows = report.collect_with_progress(args.names, flops=flops)
         print(report.format_rows(rows, fmt, aliases=not args.no_aliases))
     if args.task != "cls":
         if args.task == "all":

@@ -10,11 +10,12 @@ The model directory is loaded with ``DiffusionPipeline.from_pretrained(path, loc
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 from ._dispatch import UsageError, command, usage_errors
-from ._sd_pipe import DTYPES, generate, grid, load_pipeline, model_dir, resolve_device, save_png, side_by_side
+from ._sd_pipe import DTYPES, generate, grid, image_format, load_pipeline, model_dir, resolve_device, save_image, side_by_side
 
 __all__ = ["main", "build_parser", "side_by_side"]
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-compare saves the AgentSD images only")
     add_generation_options(p)
     p.add_argument("--out", default="agentsd.png",
-                   help="output PNG (left: baseline, right: AgentSD; one row per seed; a video: first, middle, last frame)")
+                   help="output image, format from the extension: .png, .jpg, .webp (left: baseline, right: AgentSD; one row per seed; a video: first, middle, last frame)")
     return p
 
 
@@ -87,13 +88,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = model_dir(args.model)
     schedule, switch = schedule_from_args(args)
     if Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a directory; give a .png file name")
+        raise UsageError(f"--out {args.out} is a directory; give an image file name (.png, .jpg, .webp)")
+    image_format(args.out)
+    if args.switch_step is not None and not args.no_schedule and args.switch_step >= args.steps:
+        print(f"{PROG}: note: --switch-step {args.switch_step} >= --steps {args.steps}: the second phase never "
+              "runs (every step keeps the first-phase settings, as with --no-schedule)", file=sys.stderr)
     seeds = args.seeds if args.seeds else [args.seed]
 
     from ..diffusion.patch import apply_agentsd, remove_agentsd
 
     with usage_errors():
-        device, dtype, dtype_name = resolve_device(args.device, args.dtype)
+        device, dtype, dtype_name = resolve_device(args.device, args.dtype, PROG)
     pipe = load_pipeline(model, device, dtype)
 
     options = call_options(args)
@@ -125,9 +130,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     out = Path(args.out)
     if args.compare:
-        save_png(grid([[b, a] for b, a in zip(baselines, agentsd)], ["baseline", "AgentSD"]), out)
+        save_image(grid([[b, a] for b, a in zip(baselines, agentsd)], ["baseline", "AgentSD"]), out)
     else:
-        save_png(grid([[a] for a in agentsd]), out)
+        save_image(grid([[a] for a in agentsd]), out)
     print(f"model: {model} ({type(pipe).__name__}, {device}, {dtype_name}), {args.steps} steps, "
           f"schedule switch at step {switch}, seeds {seeds}")
     if args.compare:

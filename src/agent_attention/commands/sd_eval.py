@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._dispatch import UsageError, command, usage_errors
-from ._sd_pipe import generate, load_pipeline, model_dir, pipeline_kwargs, resolve_device, save_png
+from ._sd_pipe import generate, load_pipeline, model_dir, pipeline_kwargs, resolve_device, save_image
 from .sd import add_generation_options, call_options, schedule_from_args
 
 __all__ = ["main", "build_parser", "read_prompts"]
@@ -85,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..diffusion.patch import apply_agentsd, remove_agentsd
 
     with usage_errors():
-        device, dtype, dtype_name = resolve_device(args.device, args.dtype)
+        device, dtype, dtype_name = resolve_device(args.device, args.dtype, PROG)
         clip = sd_quality.load_clip(args.clip) if args.clip else None
     feature = None
     if fid_kind == "inception":
@@ -119,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name, ims in images.items():
             for i, im in enumerate(ims):
-                save_png(im, out / f"{name}_{i}.png")
+                save_image(im, out / f"{name}_{i}.png")
 
     from ..bench.common import text_table
 

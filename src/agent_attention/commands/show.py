@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, nargs="+", default=None, help="agents to draw (default: up to 4 spread out)")
     p.add_argument("--head", type=int, default=None, help="one head (default: mean over heads)")
     p.add_argument("--img-size", type=int, default=None,
-                   help="input size, at least 16 (default: the checkpoint's, else the model's, e.g. 224)")
+                   help="shorter side of the input, at least 16; the aspect ratio is kept (default: the "
+                        "checkpoint's, else the model's, e.g. 224)")
     p.add_argument("--out", type=Path, default=Path("agents.png"), help="output PNG file (default agents.png)")
     p.add_argument("--list-blocks", action="store_true", help="print the agent blocks and exit")
     return p
@@ -66,7 +67,10 @@ def _build(args: argparse.Namespace):
         kwargs.setdefault("img_size", stored["img_size"])
     size = kwargs.get("img_size")
     check_model(name, kwargs, None, None)
-    model = create_model(name, pretrained=args.pretrained, **kwargs)
+    from ._weights import cli_weights_hint
+
+    with cli_weights_hint():
+        model = create_model(name, pretrained=args.pretrained, **kwargs)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = size or int(cfg.get("input_size", (3, 224, 224))[-1])
     return model, ckpt, cfg, name, size
@@ -80,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with usage_errors():
         model, ckpt, cfg, name, size = _build(args)
-        image = viz.load_image(args.image, size)
+        image = viz.load_image(args.image, size, keep_aspect=True)
     if ckpt is not None:
         load_official_checkpoint(model, ckpt)
     x = viz._to_tensor(image, cfg.get("mean", viz.IMAGENET_MEAN), cfg.get("std", viz.IMAGENET_STD))

@@ -53,9 +53,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = config_from_args(args)
         if cfg.epochs < 1:  # (the recipe's range checks say it too; the schedule asserts otherwise)
             raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
-        if args.recipe is None and cfg.recipe != "digits":
-            print(f"note: --model {cfg.model} without --recipe: using the recipe {cfg.recipe!r} "
-                  "(see --list-recipes; --print-config shows every value)", file=sys.stderr)
         check_device(cfg.device, resolve_device)
         if not args.print_config:
             from .._dtypes import warn_slow_dtype
@@ -64,12 +61,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             from ..train.run_dir import check_run_dir
             from ._weights import check_model
 
-            check_model(cfg.model, cfg.model_kwargs, cfg.img_size, cfg.num_classes)
-            check_data(cfg, train=True)
             device = resolve_device(cfg.device)
             warn_slow_dtype(amp_dtype(cfg.amp, device), device, f"--amp {cfg.amp}", PROG)
+            check_model(cfg.model, cfg.model_kwargs, cfg.img_size, cfg.num_classes)
+            check_data(cfg, train=True)
             check_run_dir(cfg.output or f"runs/{cfg.recipe}", bool(cfg.resume), args.overwrite,
                           log=lambda m: print(m, file=sys.stderr))
+    if args.recipe is None and cfg.recipe != "digits":
+        print(f"note: --model {cfg.model} without --recipe: using the recipe {cfg.recipe!r} "
+              "(see --list-recipes; --print-config shows every value)", file=sys.stderr)
     if args.print_config:
         print(yaml.safe_dump(dict(cfg), sort_keys=False), end="")
         return 0

@@ -2,8 +2,8 @@
 RetinaNet) with an agent backbone.
 
 Without ``--data`` it trains on the embedded shapes data set (generated, deterministic) with a small
-agent backbone, so it runs on a fresh CPU machine in minutes. ``--preset`` selects an official COCO
-recipe (``agent_attention/dense/recipes/det/*.yaml``, spec §6.2) or a yaml file; every field of a
+agent backbone, so it runs on a fresh CPU machine (about 15 minutes on 2 cores). ``--preset`` selects an official COCO
+recipe (``agent_attention/dense/recipes/det/*.yaml``) or a yaml file; every field of a
 recipe can be overridden by its flag or ``--set FIELD=VALUE``.
 """
 from __future__ import annotations

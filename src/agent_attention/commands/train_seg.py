@@ -2,7 +2,7 @@
 
 Without ``--data`` it trains on the embedded shapes data set (generated, deterministic) with a small
 agent backbone, so it runs on a fresh CPU machine in minutes. ``--preset`` selects an official
-ADE20K recipe (``agent_attention/dense/recipes/seg/*.yaml``, spec §6.3) or a yaml file; every field
+ADE20K recipe (``agent_attention/dense/recipes/seg/*.yaml``) or a yaml file; every field
 of a recipe can be overridden by its flag or ``--set FIELD=VALUE``.
 """
 from __future__ import annotations

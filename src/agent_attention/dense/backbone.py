@@ -119,6 +119,12 @@ def set_agent_shapes(model: nn.Module, shapes: Optional[Sequence[HW]]) -> Dict[i
     return counts
 
 
+def flat_backbone_error(name: str, strides: Sequence[int] = (16, 16, 16, 16)) -> str:
+    """The message refusing a flat backbone (every stage at one stride: no feature pyramid)."""
+    return (f"backbone {name!r} is flat (strides {'-'.join(map(str, strides))}): detection and segmentation need a "
+            "hierarchical backbone (agent_pvt_*, agent_swin_*, agent_cswin_*)")
+
+
 class AgentBackbone(nn.Module):
     """Feature extractor: NCHW maps at strides 4/8/16/32 (``out_indices``) for any input size.
 
@@ -169,6 +175,8 @@ class AgentBackbone(nn.Module):
         self.out_indices = out_indices
         self.out_channels: List[int] = list(self.body.feature_info.channels())
         self.strides: List[int] = list(self.body.feature_info.reduction())
+        if len(set(self.strides)) < len(self.strides):  # a flat model (DeiT: 16-16-16-16) gives no pyramid
+            raise ValueError(flat_backbone_error(name, self.strides))
         self.size_divisor = int(size_divisor)
         num_stages = len(getattr(model, "feature_info", [])) or (max(out_indices) + 1)
         self.agent_shapes = parse_agent_shapes(agent_shapes, getattr(model, "downstream_agent_shapes", None), num_stages)

@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["ModelStats", "count_params", "count_flops", "count_flops_by_op", "model_stats", "collect", "format_rows", "model_table"]
+__all__ = ["ModelStats", "count_params", "count_flops", "count_flops_by_op", "model_stats", "collect", "collect_with_progress", "format_rows", "model_table"]
 
 aten = torch.ops.aten
 
@@ -190,6 +190,27 @@ def collect(names: str = "official", flops: bool = False, progress: bool = False
         if progress:
             print(f"[{i + 1}/{len(todo)}] {name}", file=sys.stderr, flush=True)
         rows.append(model_stats(name, flops=flops))
+    return rows
+
+
+def collect_with_progress(names: str = "official", flops: bool = False, stream=None) -> List[ModelStats]:
+    """:func:`collect` telling ``stream`` (default: stderr) what it does: on a terminal one line
+    updated per model, in a pipe or log one line before it starts (counting FLOPs traces a forward
+    pass of each model, about a second per model)."""
+    stream = sys.stderr if stream is None else stream
+    todo = _names(names)
+    what = "params and GFLOPs" if flops else "params"
+    tty = stream.isatty()
+    if not tty:
+        hint = " (--no-flops skips the FLOP count)" if flops else ""
+        print(f"counting {what} of {len(todo)} models{hint} ...", file=stream, flush=True)
+    rows = []
+    for i, name in enumerate(todo):
+        if tty:
+            print(f"\rcounting {what}: [{i + 1}/{len(todo)}] {name}\033[K", end="", file=stream, flush=True)
+        rows.append(model_stats(name, flops=flops))
+    if tty:
+        print("\r\033[K", end="", file=stream, flush=True)
     return rows
 
 

@@ -52,6 +52,31 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def match_grad_strides(model: nn.Module) -> int:
+    """Give every parameter with a size-1 dimension a gradient with its own strides; returns how many.
+
+    Why: torch's CPU depthwise-conv backward returns the gradient of a ``(C, 1, k, k)`` weight (the
+    DWC of every agent block) with stride 1 on the size-1 dim, ``(k*k, 1, k, 1)`` for the weight's
+    ``(k*k, k*k, k, 1)``: the same memory, but DDP compares the stride tuples literally, warns on
+    every rank ("Grad strides do not match bucket view strides") and copies. The hook returns a view
+    of the same memory with the weight's strides (a copy only if the layouts really differ)."""
+
+    def hook(param: torch.Tensor):
+        def fix(grad: torch.Tensor) -> torch.Tensor:
+            if grad.stride() == param.stride():
+                return grad
+            if grad.is_contiguous() and param.is_contiguous():  # same layout, size-1 strides aside
+                return grad.as_strided(param.shape, param.stride())
+            return torch.empty_like(param).copy_(grad)
+
+        return fix
+
+    params = [p for p in model.parameters() if p.requires_grad and p.dim() > 1 and 1 in p.shape]
+    for p in params:
+        p.register_hook(hook(p))
+    return len(params)
+
+
 class Trainer:
     """``Trainer(cfg).fit()`` trains as the recipe says and returns a summary dict."""
 
@@ -100,6 +125,7 @@ class Trainer:
         self.ddp = self.model
         if d.distributed:
             ids = [d.device.index] if d.device.type == "cuda" else None
+            match_grad_strides(self.model)
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
         self.updates_per_epoch = len(self.loaders.train) // cfg.accum_steps
