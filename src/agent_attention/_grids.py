@@ -171,7 +171,12 @@ def _channels_last_grid(tokens: Tensor, hw: HW) -> Tensor:
     the tokens are contiguous rows, a single copy otherwise)."""
     B, _, C = tokens.shape
     H, W = hw
-    return tokens.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    image = tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)
+    if torch.compiler.is_exporting():
+        # contiguous NCHW under torch.export: a channels-last conv input makes the exporter guard on the
+        # batch (batch 1 tensors are both layouts), which would fix the graph's batch at >= 2
+        return image.contiguous()
+    return image.contiguous(memory_format=torch.channels_last)
 
 
 def _grid_tokens(image: Tensor) -> Tensor:

@@ -87,7 +87,7 @@ def _pad_flags(hw: HW, padded: HW, shift: HW, device, dtype) -> Tensor:
     """``(1, Hp, Wp, 1)``: 1 on the padding of an ``hw`` map, in the frame rolled by ``-shift``."""
     m = torch.ones(1, *padded, 1, dtype=dtype, device=device)
     m[:, : hw[0], : hw[1]] = 0
-    return torch.roll(m, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    return torch.roll(m, shifts=(-shift[0], -shift[1]), dims=(1, 2)) if any(shift) else m
 
 
 def shifted_window_mask(hw: HW, padded: HW, window: HW, shift: HW, device=None) -> Optional[Tensor]:

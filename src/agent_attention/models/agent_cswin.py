@@ -20,24 +20,30 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from torch import Tensor, nn
 
-from .._grids import HW, round_up
+from .._grids import HW, _channels_last_grid, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ..weights import unwrap_state_dict
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
 from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
 from ._resize import resize_agent_bias
-from ._windows import pad_hw, window_padding_mask, window_partition, window_reverse
+from ._windows import known_true, pad_to, same_size, window_padding_mask, window_partition, window_reverse
 from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentCSWinTransformer", "LePEAttention", "CSWinAgentAttention", "CSWinBlock", "checkpoint_filter_fn"]
 
 
 def _stripe_window(idx: int, split: int, hw: HW) -> HW:
-    """Window of branch ``idx`` on an actual map: -1 whole map, 0 vertical stripes, 1 horizontal."""
+    """Window of branch ``idx`` on an actual map: -1 whole map, 0 vertical stripes, 1 horizontal.
+
+    The stripe width is ``split`` wherever the map side is provably at least ``split`` (a constant of
+    an exported graph whose sizes start at :meth:`AgentCSWinTransformer.export_min_size`), else
+    ``min(split, side)``."""
     H, W = hw
     if idx == -1:
         return H, W
-    return (H, min(split, W)) if idx == 0 else (min(split, H), W)
+    side = W if idx == 0 else H
+    width = split if known_true(side >= split) else min(split, side)
+    return (H, width) if idx == 0 else (width, W)
 
 
 def _construction_window(idx: int, split: int, reso: HW) -> HW:
@@ -45,25 +51,32 @@ def _construction_window(idx: int, split: int, reso: HW) -> HW:
 
 
 class _Stripes:
-    """Partition ``(B, H·W, C)`` q/k/v into (padded) stripe windows and back."""
+    """Partition ``(B, H·W, C)`` q/k/v into (padded) stripe windows and back.
+
+    Only the striped side is padded (the other side is the window itself), with one size expression
+    per side, so that a dynamic-size export holds no guard on the map size."""
 
     def __init__(self, idx: int, split: int, hw: HW, device):
         self.hw = hw
         self.window = _stripe_window(idx, split, hw)
         wh, ww = self.window
-        self.padded = (round_up(hw[0], wh), round_up(hw[1], ww))
+        H, W = hw
+        self.padded = (H, round_up(W, ww)) if idx == 0 else (round_up(H, wh), W) if idx == 1 else (H, W)
         self.pad = window_padding_mask(hw, self.padded, self.window, device=device)  # (nW, N) bool or None
 
     def split(self, t: Tensor) -> Tensor:
         B, _, C = t.shape
-        return window_partition(pad_hw(t.view(B, *self.hw, C), self.window), self.window)
+        return window_partition(pad_to(t.view(B, *self.hw, C), self.padded), self.window)
 
     def key_padding_mask(self, batch: int) -> Optional[Tensor]:
         return None if self.pad is None else self.pad.repeat(batch, 1)
 
     def merge(self, windows: Tensor) -> Tensor:
-        x = window_reverse(windows, self.window, self.padded)[:, : self.hw[0], : self.hw[1]]
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        x = window_reverse(windows, self.window, self.padded)
+        H, W = self.hw
+        if not same_size(self.padded, self.hw):  # an explicit copy of the crop: no view test on its size
+            x = x[:, :H, :W].clone(memory_format=torch.contiguous_format)
+        return x.view(x.shape[0], H * W, x.shape[-1])
 
 
 class LePEAttention(nn.Module):
@@ -91,7 +104,7 @@ class LePEAttention(nn.Module):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(Bw, N, C)
-        lepe = self.get_v(v.transpose(1, 2).reshape(Bw, C, *s.window)).flatten(2).transpose(1, 2)
+        lepe = self.get_v(_channels_last_grid(v, s.window)).flatten(2).transpose(1, 2)
         return s.merge(out + lepe)
 
 
@@ -256,6 +269,20 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
             return dict(stem=r"^stage1_conv_embed", blocks=[(r"^stage(\d+)", None), (r"^merge(\d+)", None)])
         return dict(stem=r"^stage1_conv_embed",
                     blocks=[(r"^stage(\d+)\.(\d+)", None), (r"^merge(\d+)", (99999,)), (r"^norm", (99999,))])
+
+    export_size_oblivious = True  # see models.export: stripes are padded at some sizes and not at others
+
+    def export_min_size(self) -> int:
+        """Smallest input side (pixels) of a dynamic-size export: every stripe branch has its full
+        stripe width from there up (112 for the released 224 models); smaller inputs take another
+        graph (static)."""
+        low = 1
+        for i, (_, blocks) in enumerate(self._stages()):
+            for blk in blocks:
+                for attn in blk.attns:
+                    if attn.idx != -1:
+                        low = max(low, attn.split_size * 4 * 2 ** i)
+        return low
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, HW]:
         check_image(x, self.in_chans, type(self).__name__, min_size=3)
