@@ -56,29 +56,33 @@ def _bias_terms(bias, transposed: bool):
 def _score_mod(terms, pad: Optional[Tensor], transposed: bool):
     """``score_mod(score, b, h, q_idx, kv_idx)`` adding the bias (and ``-inf`` on padded keys).
 
-    ``transposed``: the queries are the tokens and the keys the agents (the second step)."""
+    ``transposed``: the queries are the tokens and the keys the agents (the second step). One
+    closure per case (a compiled ``score_mod`` may not read a cell that was never set)."""
     kind = None if terms is None else terms[0]
     if kind == "grid":
         f: BiasFactors = terms[1]
+
+        def bias(b, h, q_idx, kv_idx):
+            agent, token = (kv_idx, q_idx) if transposed else (q_idx, kv_idx)
+            return bias_value(f, h, agent, token)
     elif kind == "dense":
         dense = terms[1]
-        b_one, h_one = dense.shape[0] == 1, dense.shape[1] == 1
-        q_one, k_one = dense.shape[2] == 1, dense.shape[3] == 1
+        ones = tuple(s == 1 for s in dense.shape)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        if kind == "grid":
-            agent, token = (kv_idx, q_idx) if transposed else (q_idx, kv_idx)
-            score = score + bias_value(f, h, agent, token).to(score.dtype)
-        elif kind == "dense":
-            bi = 0 if b_one else b
-            hi = 0 if h_one else h
-            qi = 0 if q_one else q_idx
-            ki = 0 if k_one else kv_idx
-            score = score + dense[bi, hi, qi, ki].to(score.dtype)
-        if pad is not None:
-            score = score + pad[b, kv_idx].to(score.dtype)
-        return score
-
+        def bias(b, h, q_idx, kv_idx):
+            index = tuple(0 if one else i for one, i in zip(ones, (b, h, q_idx, kv_idx)))
+            return dense[index]
+    else:
+        bias = None
+    if pad is None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias(b, h, q_idx, kv_idx).to(score.dtype)
+    elif bias is None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + pad[b, kv_idx].to(score.dtype)
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + (bias(b, h, q_idx, kv_idx) + pad[b, kv_idx]).to(score.dtype)
     return score_mod
 
 
