@@ -13,10 +13,10 @@ PATHS = ("auto", "sdpa", "gemm", "flex")
 
 
 @pytest.fixture(autouse=True)
-def _cpu_flex_eager(test_device, monkeypatch):
+def _cpu_flex_eager(request, monkeypatch):
     """On the CPU the flex cases run FlexAttention eagerly (torch's reference; compiling the CPU kernel
     takes minutes here, and test_flex_compiled_cpu covers it); on CUDA they run the compiled kernels."""
-    if test_device.type == "cpu":
+    if "test_device" in request.fixturenames and request.getfixturevalue("test_device").type == "cpu":
         monkeypatch.setattr(_flex, "EAGER", True)
 
 
