@@ -31,6 +31,7 @@ from .bias_factors import BiasFactors, GridBias, bias_value
 __all__ = ["flex_agent_attention", "flex_available", "flex_runs"]
 
 DECODE_MAX_QUERIES = 128  # flex decoding handles fewer than this many queries
+RECOMPILE_LIMIT = 128
 EAGER = False  # tests: run FlexAttention eagerly (torch's unfused reference) instead of compiled
 _compiled = None
 
@@ -120,7 +121,11 @@ def _run(query, key, value, bias, pad, scale, transposed, kernel_options, eager:
         with warnings.catch_warnings():  # torch warns that the eager form is unfused: chosen knowingly here
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             return _step(query, key, value, terms, pad, scale, transposed, kernel_options)
-    return _compiled_step()(query, key, value, terms, pad, scale, transposed, kernel_options)
+    # one graph per shape and bias kind: a model (and the benchmarks) need more than dynamo's default
+    # of 8 recompilations of one function, past which it would run the unfused eager form
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled_step()(query, key, value, terms, pad, scale, transposed, kernel_options)
 
 
 def _padding(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
