@@ -1,6 +1,37 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and the device switch of the tests/test_device_*.py cases."""
+import os
+
 import pytest
 import torch
+
+DEVICE_ENV = "AGENT_ATTENTION_TEST_DEVICE"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default=None,
+        help=f"device of the tests/test_device_*.py cases: cuda (default; skipped without CUDA), cuda:N or cpu "
+             f"(also the environment variable {DEVICE_ENV})",
+    )
+
+
+@pytest.fixture(scope="session")
+def test_device(request) -> torch.device:
+    """The device the tests/test_device_*.py cases run on: ``--device`` or $AGENT_ATTENTION_TEST_DEVICE,
+    default ``cuda``. Without CUDA the CUDA cases skip (the CPU suite stays as it is)."""
+    name = request.config.getoption("--device") or os.environ.get(DEVICE_ENV) or "cuda"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device/{DEVICE_ENV}: not a torch device: {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"CUDA is not available (device tests run on {name}; choose one with --device or {DEVICE_ENV})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            pytest.skip(f"{name} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        pytest.skip(f"device {name} is not covered by these tests (cpu or cuda)")
+    return device
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from .bias_factors import BiasFactors, GridBias, bias_value
 __all__ = ["flex_agent_attention", "flex_available", "flex_runs"]
 
 DECODE_MAX_QUERIES = 128  # flex decoding handles fewer than this many queries
+RECOMPILE_LIMIT = 128
 EAGER = False  # tests: run FlexAttention eagerly (torch's unfused reference) instead of compiled
 _compiled = None
 
@@ -56,29 +57,33 @@ def _bias_terms(bias, transposed: bool):
 def _score_mod(terms, pad: Optional[Tensor], transposed: bool):
     """``score_mod(score, b, h, q_idx, kv_idx)`` adding the bias (and ``-inf`` on padded keys).
 
-    ``transposed``: the queries are the tokens and the keys the agents (the second step)."""
+    ``transposed``: the queries are the tokens and the keys the agents (the second step). One
+    closure per case (a compiled ``score_mod`` may not read a cell that was never set)."""
     kind = None if terms is None else terms[0]
     if kind == "grid":
         f: BiasFactors = terms[1]
+
+        def bias(b, h, q_idx, kv_idx):
+            agent, token = (kv_idx, q_idx) if transposed else (q_idx, kv_idx)
+            return bias_value(f, h, agent, token)
     elif kind == "dense":
         dense = terms[1]
-        b_one, h_one = dense.shape[0] == 1, dense.shape[1] == 1
-        q_one, k_one = dense.shape[2] == 1, dense.shape[3] == 1
+        ones = tuple(s == 1 for s in dense.shape)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        if kind == "grid":
-            agent, token = (kv_idx, q_idx) if transposed else (q_idx, kv_idx)
-            score = score + bias_value(f, h, agent, token).to(score.dtype)
-        elif kind == "dense":
-            bi = 0 if b_one else b
-            hi = 0 if h_one else h
-            qi = 0 if q_one else q_idx
-            ki = 0 if k_one else kv_idx
-            score = score + dense[bi, hi, qi, ki].to(score.dtype)
-        if pad is not None:
-            score = score + pad[b, kv_idx].to(score.dtype)
-        return score
-
+        def bias(b, h, q_idx, kv_idx):
+            index = tuple(0 if one else i for one, i in zip(ones, (b, h, q_idx, kv_idx)))
+            return dense[index]
+    else:
+        bias = None
+    if pad is None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias(b, h, q_idx, kv_idx).to(score.dtype)
+    elif bias is None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + pad[b, kv_idx].to(score.dtype)
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + (bias(b, h, q_idx, kv_idx) + pad[b, kv_idx]).to(score.dtype)
     return score_mod
 
 
@@ -116,7 +121,11 @@ def _run(query, key, value, bias, pad, scale, transposed, kernel_options, eager:
         with warnings.catch_warnings():  # torch warns that the eager form is unfused: chosen knowingly here
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             return _step(query, key, value, terms, pad, scale, transposed, kernel_options)
-    return _compiled_step()(query, key, value, terms, pad, scale, transposed, kernel_options)
+    # one graph per shape and bias kind: a model (and the benchmarks) need more than dynamo's default
+    # of 8 recompilations of one function, past which it would run the unfused eager form
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled_step()(query, key, value, terms, pad, scale, transposed, kernel_options)
 
 
 def _padding(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:

@@ -5,6 +5,8 @@ of 64 channels, 49 agents, biases built for the 56 × 56 grid of a 224 image), w
 agent biases (``--bias``), forward and (``--backward``) forward + backward:
 
 * ``agent``: :func:`agent_attention.functional.agent_attention` (its ``auto`` kernel choice);
+* ``flex`` (opt-in, ``--methods``): the op on its FlexAttention path (biases in factored form,
+  evaluated per logit; compiled, so its first call at each size compiles);
 * ``math``: :func:`agent_attention.functional.agent_attention_math` (the reference);
 * ``straightforward``: the same agent attention written as the official code does it (explicit
   maps, biases ``repeat``-ed per batch item) — a baseline of this benchmark only;
@@ -25,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import agent_attention, agent_attention_math
+from ..bias_factors import GridBias
+from ..functional import agent_attention, agent_attention_math, path
 from ..layers import AgentAttention, agent_bias_2d, pool_agents, query_bias_2d
 from . import common
 from .op_report import goals, plot, table
 
-METHODS = ("agent", "math", "straightforward", "sdpa", "floor")
+METHODS = ("agent", "flex", "math", "straightforward", "sdpa", "floor")
+DEFAULT_METHODS = ("agent", "math", "straightforward", "sdpa", "floor")
 BIAS_FREE = ("sdpa",)  # methods that do not take the agent biases: timed once per size and pass
 BIAS_CHOICES = {"both": (True, False), "on": (True,), "off": (False,)}
 DEFAULT_SIZES = (28, 56, 96, 128, 192)
@@ -64,6 +68,10 @@ def make_inputs(side: int, *, batch: int, dim: int, heads: int, agents: int, win
         query_bias = query_bias_2d(module.na_bias, module.ha_bias, module.wa_bias, hw, (p, p))[None]
         pooled = pool_agents(q, hw, (p, p))
     d = dim // heads
+    grid = {"agent_grid": GridBias("agent", *(module.get_parameter(n).detach().to(device, dtype) for n in
+                                              ("an_bias", "ah_bias", "aw_bias")), hw, (p, p)),
+            "query_grid": GridBias("query", *(module.get_parameter(n).detach().to(device, dtype) for n in
+                                              ("na_bias", "ha_bias", "wa_bias")), hw, (p, p))}
 
     def split(t: Tensor) -> Tensor:
         return t.unflatten(-1, (heads, d)).transpose(1, 2).contiguous().to(device, dtype)
@@ -71,7 +79,7 @@ def make_inputs(side: int, *, batch: int, dim: int, heads: int, agents: int, win
     return {
         "q": split(q), "k": split(k), "v": split(v), "agents": split(pooled),
         "agent_bias": agent_bias.to(device, dtype), "query_bias": query_bias.to(device, dtype),
-        "scale": d ** -0.5,
+        "scale": d ** -0.5, **grid,
     }
 
 
@@ -94,6 +102,12 @@ def _forward(method: str, x: Dict[str, Tensor], scale: float) -> Callable[[], Te
     q, k, v, a = x["q"], x["k"], x["v"], x["agents"]
     if method == "agent":
         return lambda: agent_attention(q, k, v, a, agent_bias=ab, query_bias=qb, scale=scale)
+    if method == "flex":
+        def flex():
+            with path("flex"):
+                return agent_attention(q, k, v, a, agent_bias=x.get("agent_grid", ab), query_bias=x.get("query_grid", qb),
+                                       scale=scale)
+        return flex
     if method == "math":
         return lambda: agent_attention_math(q, k, v, a, agent_bias=ab, query_bias=qb, scale=scale)
     if method == "straightforward":
@@ -119,7 +133,8 @@ def functions(t: Dict[str, Tensor], methods: Sequence[str], bias: bool, backward
     fns: Dict[str, Callable] = {}
     if not backward:
         for m in methods:
-            fns[m] = _copy(operands) if m == "floor" else _forward(m, {n: t[n] for n in names}, t["scale"])
+            grids = {n: t[n] for n in ("agent_grid", "query_grid")} if bias else {}
+            fns[m] = _copy(operands) if m == "floor" else _forward(m, {**{n: t[n] for n in names}, **grids}, t["scale"])
         return fns
     leaves = {n: t[n].detach().clone().requires_grad_(True) for n in names}
     grad_out = torch.randn_like(t["q"])
@@ -129,7 +144,7 @@ def functions(t: Dict[str, Tensor], methods: Sequence[str], bias: bool, backward
             fns[m] = lambda fwd=fwd, bwd=bwd: (fwd(), bwd())
             continue
         inputs = [leaves[n] for n in (("q", "k", "v") if m == "sdpa" else names)]
-        f = _forward(m, leaves, t["scale"])
+        f = _forward(m, leaves, t["scale"])  # flex: dense biases here (the factored ones are not leaves)
         fns[m] = lambda f=f, inputs=inputs: torch.autograd.grad(f(), inputs, grad_out)
     return fns
 
@@ -151,16 +166,19 @@ def run(sizes: Sequence[int], *, batch: int, dim: int, heads: int, agents: int, 
         for ps in passes:
             backward = ps == "fwdbwd"
             fns: Dict[tuple, Callable] = {}
+            no_flex = backward and device.type == "cpu"  # torch has no FlexAttention backward on the CPU
             for b in biases:
-                for m, fn in functions(t, [m for m in methods if not (skip and m == "sdpa")], b, backward).items():
+                timed = [m for m in methods if not (skip and m == "sdpa") and not (no_flex and m == "flex")]
+                for m, fn in functions(t, timed, b, backward).items():
                     if m in BIAS_FREE and b != biases[0]:
                         continue
                     fns[(m, b)] = fn
             with torch.inference_mode(not backward):
                 diffs = {}
                 for b in biases:
-                    if ("agent", b) in fns and ("math", b) in fns and not backward:
-                        diffs[b] = (fns[("agent", b)]().float() - fns[("math", b)]().float()).abs().max().item()
+                    for m in ("agent", "flex"):
+                        if (m, b) in fns and ("math", b) in fns and not backward:
+                            diffs[(m, b)] = (fns[(m, b)]().float() - fns[("math", b)]().float()).abs().max().item()
                 memory = {key: common.peak_memory(fn, device) for key, fn in fns.items()}
                 timings = common.time_round_robin(fns, device, repeats=repeats, max_s_per_fn=max_s, warmed=True)
             for b in biases:
@@ -168,14 +186,16 @@ def run(sizes: Sequence[int], *, batch: int, dim: int, heads: int, agents: int, 
                     key = (m, biases[0]) if m in BIAS_FREE else (m, b)
                     rec = {"side": side, "tokens": N, "method": m, "bias": b, "pass": ps, "batch": batch,
                            "heads": heads, "agents": agents, "dtype": str(dtype).replace("torch.", "")}
-                    if key not in timings:
+                    if key not in timings and m == "flex":
+                        rec["skipped"] = "no CPU backward"
+                    elif key not in timings:
                         rec["skipped"] = f"skipped (would need {_sdpa_estimate(t) / 2**30:.1f} GB)"
                     else:
                         tm = timings[key]
                         rec.update(seconds=tm.stat(stat), seconds_median=tm.median, seconds_min=tm.best,
                                    samples=tm.samples, peak_bytes=memory[key])
-                    if m == "agent" and b in diffs:
-                        rec["max_abs_diff_vs_math"] = diffs[b]
+                    if m in ("agent", "flex") and (m, b) in diffs:
+                        rec["max_abs_diff_vs_math"] = diffs[(m, b)]
                     records.append(rec)
             log(f"  {side}x{side} ({N} tokens) {ps}: " + ", ".join(
                 f"{m}{'' if m in BIAS_FREE else ('+bias' if b else '')} {common.fmt_ms(tm.stat(stat))} ms"
@@ -207,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=1, help="heads (Agent-PVT stage 1: 1)")
     p.add_argument("--agents", type=int, default=49, help="agent tokens, a square (Agent-PVT: 49)")
     p.add_argument("--window", type=int, default=56, help="grid the biases are built for (stage 1 at 224: 56)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="methods to time (default: all of " + ", ".join(METHODS) + ")")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                   help="methods to time, of " + ", ".join(METHODS) + " (default: all but flex)")
     p.add_argument("--bias", choices=tuple(BIAS_CHOICES), default="both",
                    help="with the agent biases (on), without (off) or both (default)")
     p.add_argument("--backward", action="store_true", help="also time forward + backward (gradients of every operand)")
@@ -265,9 +285,11 @@ def _main(args: argparse.Namespace) -> int:
                 note = f"Max |agent − math| = {max(diffs):.1e}." if diffs else ""
                 print(f"{title}\n{common.text_table(headers, rows)}\n{note}")
                 sections.append(f"### {title}\n\n{common.markdown_table(headers, rows)}\n\n{note}".rstrip())
-        lines = goals(recs)
+        lines = goals(recs, cuda=device.type == "cuda")
         if lines:
-            print("goals:\n" + "\n".join(lines))
+            print(f"goals ({'GPU' if device.type == 'cuda' else 'CPU'}):
+" + "
+".join(lines))
             sections.append(f"### Goals, {name} on {device}\n\n" + "\n".join(lines))
         if not args.no_plot:
             png = plot(recs, args.methods, args.out / ("op.png" if dtype == _dtypes(args.dtype, device)[0] else f"op_{name}.png"),

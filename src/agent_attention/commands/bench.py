@@ -1,4 +1,4 @@
-"""``agent-attention bench op | models | sd``: dispatch to the benchmark modules of
+"""``agent-attention bench op | models | sd | gpu``: dispatch to the benchmark modules of
 :mod:`agent_attention.bench` (each one's ``main(argv)`` holds its options), imported only when used."""
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "models": ("agent_attention.bench.models", "main",
                "agent models vs timm softmax models and their math path: images/s, memory"),
     "sd": ("agent_attention.bench.sd", "main", "AgentSD step time and memory on a local diffusers pipeline"),
+    "gpu": ("agent_attention.bench.gpu", "main",
+            "device check: the device tests, then short bench op/models/sd runs (<= 8 min on one H100)"),
 }
 
 
