@@ -287,9 +287,7 @@ def _main(args: argparse.Namespace) -> int:
                 sections.append(f"### {title}\n\n{common.markdown_table(headers, rows)}\n\n{note}".rstrip())
         lines = goals(recs, cuda=device.type == "cuda")
         if lines:
-            print(f"goals ({'GPU' if device.type == 'cuda' else 'CPU'}):
-" + "
-".join(lines))
+            print(f"goals ({'GPU' if device.type == 'cuda' else 'CPU'}):\n" + "\n".join(lines))
             sections.append(f"### Goals, {name} on {device}\n\n" + "\n".join(lines))
         if not args.no_plot:
             png = plot(recs, args.methods, args.out / ("op.png" if dtype == _dtypes(args.dtype, device)[0] else f"op_{name}.png"),
