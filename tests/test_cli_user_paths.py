@@ -259,10 +259,10 @@ def test_sd_device_output_format_and_switch_step(capsys, tmp_path):
 def test_sd_writes_the_format_of_the_extension(tmp_path, name, fmt):
     from PIL import Image
 
-    from agent_attention.commands.sd import _save, image_format, side_by_side
+    from agent_attention.commands._sd_pipe import save_image, side_by_side
 
     im = Image.new("RGB", (8, 8), "red")
-    _save(side_by_side([im, im], ["a", "b"]), tmp_path / name, image_format(name))
+    save_image(side_by_side([im, im], ["a", "b"]), tmp_path / name)
     with Image.open(tmp_path / name) as back:
         assert back.format == fmt
 

@@ -21,5 +21,5 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     except (RuntimeError, TypeError):  # torch.device("gpu"): "Expected one of cpu, cuda, ... device type"
         raise ValueError(f"unknown device {spec!r}: use cpu, cuda, cuda:N, mps or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
+        raise ValueError(f"device {spec!r}: this machine has no CUDA GPU")
     return device

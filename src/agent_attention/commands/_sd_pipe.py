@@ -38,7 +38,7 @@ def resolve_device(name: Optional[str], dtype_name: Optional[str], prog: str = "
     try:
         device = _resolve(name or "auto")
     except ValueError as e:
-        raise UsageError(f"--device {name}: {e}; use --device cpu") from None
+        raise UsageError(f"--device {name}: {str(e).partition(': ')[2] or e}; use --device cpu") from None
     dtype_name = dtype_name or ("fp16" if device.type == "cuda" else "fp32")
     warn_slow_dtype(dtype_name, device, f"--dtype {dtype_name}", prog)
     return device, getattr(torch, DTYPES[dtype_name]), dtype_name

@@ -29,7 +29,7 @@ __all__ = ["fetch_release", "load_release_state", "release_cache_path", "build_r
 
 def release_cache_path(name: str, url: str, cache=None) -> Path:
     """Cache file of ``name`` downloaded from ``url`` (tagged by the file id, or a hash of another URL)."""
-    from ..models.pretrained import cache_dir
+    from ..weights.pretrained import cache_dir
 
     r = get_release(name)
     tag = r.file_id[:8] if (r.file_id and url in (r.url, r.official_url)) else hashlib.sha256(url.encode()).hexdigest()[:8]
@@ -48,10 +48,10 @@ def fetch_release(name: str, *, url: Optional[str] = None, cache=None, progress:
     Errors are one line: no release, download errors (:class:`WeightsDownloadError`), unsafe or
     damaged files, wrong model.
     """
-    from ..models._download import download_file
-    from ..models._safe_load import UnsafeCheckpointError, _is_safetensors, load_checkpoint, select_state_dict
-    from ..models._safe_save import export_safetensors
-    from ..models.pretrained import ENV_PROGRESS
+    from ..weights.download import download_file
+    from ..weights.safe_load import UnsafeCheckpointError, _is_safetensors, load_checkpoint, select_state_dict
+    from ..weights.safe_save import export_safetensors
+    from ..weights.pretrained import ENV_PROGRESS
 
     r = get_release(name)
     url = url or r.url
@@ -92,7 +92,7 @@ def fetch_release(name: str, *, url: Optional[str] = None, cache=None, progress:
 def load_release_state(path) -> Dict[str, Tensor]:
     """The official-layout state dict of a local file: a cached ``.safetensors`` or an official
     ``.pth`` (safe loader, its ``state_dict`` entry)."""
-    from ..models._safe_load import load_checkpoint, select_state_dict
+    from ..weights.safe_load import load_checkpoint, select_state_dict
 
     return select_state_dict(load_checkpoint(str(path)))[0]
 
