@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from agent_attention import AgentAttention
-from agent_attention.layers import agent_bias_2d, pool_agents, query_bias_2d, resize_1d
+from agent_attention.layers import AgentAttentionCore, agent_bias_2d, pool_agents, query_bias_2d, resize_1d
 
 
 def _randomize(m: torch.nn.Module, seed=0):
@@ -118,8 +118,11 @@ def test_official_parameter_names_and_order():
     assert shapes["ac_bias"] == (1, 2, 9, 1) and shapes["ca_bias"] == (1, 2, 1, 9)
     split = AgentAttention(64, 2, 9, qkv_layout="split", window=(7, 7))
     assert {"q.weight", "kv.weight", "proj.weight", "dwc.weight"} <= set(split.state_dict())
-    cs = AgentAttention(64, 2, 9, qkv_layout="none", proj=False, dwc_name="get_v")
+    cs = AgentAttentionCore(64, 2, 9, dwc_name="get_v")  # CSWin's agent branch: the core, no projections
     assert set(cs.state_dict()) == {"an_bias", "na_bias", "ah_bias", "aw_bias", "ha_bias", "wa_bias", "get_v.weight", "get_v.bias"}
+    with pytest.warns(DeprecationWarning, match="AgentAttentionCore"):
+        legacy = AgentAttention(64, 2, 9, qkv_layout="none", proj=False, dwc_name="get_v")
+    assert list(legacy.state_dict()) == list(cs.state_dict())
 
 
 def test_prefix_token_gets_no_dwc_and_is_not_pooled():
@@ -243,3 +246,13 @@ def test_training_does_not_use_the_bias_cache():
     m(torch.randn(2, 36, 32), (6, 6)).sum().backward()
     assert "_bias_cache" not in m.__dict__
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.endswith("_bias"))
+
+
+def test_cswin_agent_branch_is_the_core_without_projections():
+    from agent_attention.models.agent_cswin import CSWinAgentAttention
+
+    m = CSWinAgentAttention(dim=16, resolution=(8, 8), idx=-1, split_size=7, num_heads=2, agent_num=4)
+    assert isinstance(m, AgentAttentionCore) and not isinstance(m, AgentAttention)
+    assert not any(hasattr(m, name) for name in ("qkv", "q", "kv", "proj", "qkv_layout"))
+    q, k, v = torch.randn(3, 2, 64, 16).unbind(0)
+    torch.testing.assert_close(m(q, k, v, (8, 8)), m.attend(q, k, v, (8, 8)))

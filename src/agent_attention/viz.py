@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._atomic import atomic_path
 from .functional import agent_feature_maps
-from .layers import AgentAttention, to_2tuple_hw
+from .layers import AgentAttentionCore, to_2tuple_hw
 
 __all__ = ["AgentCall", "load_image", "capture_agent_calls", "select_call", "agent_maps", "draw"]
 
@@ -40,7 +40,7 @@ class AgentCall:
     """One call of an agent attention block during a forward pass."""
 
     name: str
-    module: AgentAttention
+    module: AgentAttentionCore
     number: int  # overall position among the calls
     stage: int = 0  # 1-based, grouped by the token grid
     index: int = 0  # 0-based within the stage
@@ -105,7 +105,7 @@ def capture_agent_calls(model: nn.Module, x: Tensor) -> List[AgentCall]:
     calls: List[AgentCall] = []
     handles = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, AgentAttention):
+        if not isinstance(mod, AgentAttentionCore):
             continue
 
         def record(module, q, k, v, hw, kw, _name=name):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import AgentAttention, to_2tuple_hw
+from ..layers import AgentAttentionCore, to_2tuple_hw
 
 __all__ = ["official_attend", "official_style"]
 
@@ -54,7 +54,7 @@ def _row_col(term: Tensor, window, hw, agents_last: bool) -> Tensor:
 
 
 def official_attend(
-    m: AgentAttention,
+    m: AgentAttentionCore,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -64,7 +64,7 @@ def official_attend(
     key_padding_mask: Optional[Tensor] = None,
     cross: bool = False,
 ) -> Tensor:
-    """:meth:`AgentAttention.attend` computed as in the official code (see the module docstring)."""
+    """:meth:`AgentAttentionCore.attend` computed as in the official code (see the module docstring)."""
     if m.ndim != 2 or cross or hw is None:
         raise ValueError("official-style baseline: only 2-D self-attention is covered")
     p = math.isqrt(m.agent_num)
@@ -138,7 +138,7 @@ def official_style(model: nn.Module) -> Iterator[nn.Module]:
     Sets an instance-level ``attend`` on each module and removes it on exit (the class method
     then applies again); the weights are not touched.
     """
-    modules = [mod for mod in model.modules() if isinstance(mod, AgentAttention)]
+    modules = [mod for mod in model.modules() if isinstance(mod, AgentAttentionCore)]
     if not modules:
         raise ValueError(f"official_style: {type(model).__name__} has no AgentAttention module")
     patched = []

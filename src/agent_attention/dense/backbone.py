@@ -38,7 +38,7 @@ from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from .._grids import HW, round_up
-from ..layers import AgentAttention
+from ..layers import AgentAttentionCore
 from ..models.registry import FAMILIES, check_model_name, family_of
 
 #: official downstream agent grids per family (each model class's ``downstream_agent_shapes``)
@@ -82,7 +82,7 @@ def parse_agent_shapes(spec: AgentShapesSpec, official=None, num_stages: int = 4
     return out
 
 
-def agent_modules_by_stage(model: nn.Module) -> List[Tuple[int, str, AgentAttention]]:
+def agent_modules_by_stage(model: nn.Module) -> List[Tuple[int, str, AgentAttentionCore]]:
     """``(stage, name, module)`` of every 2-D agent-attention module, the stage ``i`` being the module
     ``feature_info[i]["module"]`` that holds it (stages pruned away are skipped)."""
     out, seen = [], set()
@@ -92,11 +92,11 @@ def agent_modules_by_stage(model: nn.Module) -> List[Tuple[int, str, AgentAttent
         except AttributeError:
             continue  # pruned (features_only / FeatureGetterNet)
         for n, m in stage.named_modules(prefix=info["module"]):
-            if isinstance(m, AgentAttention) and m.ndim == 2 and id(m) not in seen:
+            if isinstance(m, AgentAttentionCore) and m.ndim == 2 and id(m) not in seen:
                 seen.add(id(m))
                 out.append((i, n, m))
     for n, m in model.named_modules():
-        if isinstance(m, AgentAttention) and m.ndim == 2 and id(m) not in seen:
+        if isinstance(m, AgentAttentionCore) and m.ndim == 2 and id(m) not in seen:
             raise ValueError(f"cannot tell the stage of agent module {n!r} (in no feature_info module); set its agent_shape by hand")
     return out
 

@@ -3,7 +3,7 @@
 Official layout and names (``stage1_conv_embed.0/.2``, ``stage{s}.{j}`` blocks with block-level
 ``qkv``/``norm1``/``proj``, ``attns.{0,1}``, ``mlp``, ``norm2``; ``merge{m}.conv/.norm``; ``norm``;
 ``head``). Stages marked ``'A'`` in ``attn_type`` run one global
-:class:`~agent_attention.layers.AgentAttention` branch (its depthwise conv is CSWin's ``get_v``);
+:class:`~agent_attention.layers.AgentAttentionCore` branch (its depthwise conv is CSWin's ``get_v``);
 ``'B'`` stages run the original LePE cross-shaped stripe attention (two half-width branches,
 vertical then horizontal stripes; one full branch in the last stage or when the stripe covers the
 map). Any input size works: the stem and merges follow the actual grid, stripes are padded to the
@@ -21,7 +21,7 @@ from timm.models import generate_default_cfgs, register_model, register_notrace_
 from torch import Tensor, nn
 
 from .._grids import HW, _channels_last_grid, round_up
-from ..layers import AgentAttention, to_2tuple_hw
+from ..layers import AgentAttentionCore, to_2tuple_hw
 from ..weights import unwrap_state_dict
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
 from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
@@ -108,7 +108,7 @@ class LePEAttention(nn.Module):
         return s.merge(out + lepe)
 
 
-class CSWinAgentAttention(AgentAttention):
+class CSWinAgentAttention(AgentAttentionCore):
     """Agent attention branch of a CSWin block: projected q/k/v in, no projection, DWC = ``get_v``.
 
     ``idx=-1`` (every released config) attends over the whole actual map; ``idx`` 0/1 over vertical /
@@ -118,8 +118,7 @@ class CSWinAgentAttention(AgentAttention):
     def __init__(self, *, dim: int, resolution: HW, idx: int, split_size: int, num_heads: int, agent_num: int,
                  attn_drop: float = 0.0):
         window = _construction_window(idx, split_size, resolution)
-        super().__init__(dim, num_heads, agent_num, window=window, qkv_layout="none", proj=False,
-                         dwc_name="get_v", attn_drop=attn_drop)
+        super().__init__(dim, num_heads, agent_num, window=window, dwc_name="get_v", attn_drop=attn_drop)
         self.idx, self.split_size = idx, split_size
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, hw: HW) -> Tensor:  # type: ignore[override]

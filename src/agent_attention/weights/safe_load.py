@@ -320,7 +320,7 @@ def select_state_dict(ckpt: Any, *, key: Optional[str] = None, use_ema: bool = F
     else:
         if use_ema and not has_ema_weights(ckpt):
             raise ValueError(f"checkpoint has no EMA weights ({' / '.join(EMA_KEYS)}); top-level keys: "
-                             f"{sorted(map(str, ckpt))[:20]}; load its 'model' weights with use_ema=False")
+                             f"{sorted(map(str, ckpt))[:20]}; ask for its 'model' weights instead (use_ema=False, no --ema)")
         order = EMA_KEYS if use_ema else STATE_KEYS
         used = next((k for k in order if isinstance(ckpt.get(k), Mapping)), "")
         state = ckpt[used] if used else ckpt
