@@ -71,6 +71,8 @@ def test_bad_schedules_raise():
         Rule(AGENTS, blocks="middle:2")
     with pytest.raises(ValueError, match="one of a config"):
         apply_agentsd(model, AGENTS, ratio=0.3)
+    with pytest.warns(RuntimeWarning, match="reduces no token"):
+        apply_agentsd(model, ratio=0.0)
 
 
 def test_apply_twice_replaces_and_hooks_are_diffusers_hooks():
