@@ -71,6 +71,8 @@ def test_bad_schedules_raise():
         Rule(AGENTS, blocks="middle:2")
     with pytest.raises(ValueError, match="one of a config"):
         apply_agentsd(model, AGENTS, ratio=0.3)
+    with pytest.warns(RuntimeWarning, match="reduces no token"):
+        apply_agentsd(model, ratio=0.0)
 
 
 def test_apply_twice_replaces_and_hooks_are_diffusers_hooks():
@@ -171,3 +173,26 @@ def test_every_call_falling_back_warns():
     with pytest.warns(RuntimeWarning, match="fell back to the stock attention"), torch.no_grad():
         model(**kwargs, attention_mask=torch.ones(2, 64))
     assert state.calls["agent"] == 0 and state.calls["stock"] == 2
+
+
+def test_sd3_pipeline_step_fractions_from_the_scheduler():
+    """A tiny StableDiffusion3Pipeline (flow matching, text embeddings given): the pipeline's
+    timesteps give the number of steps, so fractions of the run need no extra argument."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.0, scaling_factor=1.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    state = apply_agentsd(pipe, AgentSDConfig([Rule(AGENTS, steps=(0.0, 0.5)), Rule(TOME)]))
+    seen = []
+    pipe.transformer.register_forward_hook(lambda *_: seen.append((state.step, dict(state.calls))) or state.calls.clear())
+    e, p = torch.randn(1, 5, 12), torch.randn(1, 8)
+    for _ in range(2):
+        out = pipe(prompt_embeds=e, negative_prompt_embeds=e, pooled_prompt_embeds=p, negative_pooled_prompt_embeds=p,
+                   height=16, width=16, num_inference_steps=4, guidance_scale=3.0, output_type="np")
+    assert out.images.shape == (1, 16, 16, 3) and state.num_steps == 4
+    assert seen == [(0, {"agent": 4}), (1, {"agent": 4}), (2, {"tome": 4}), (3, {"tome": 4})] * 2
