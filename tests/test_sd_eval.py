@@ -138,3 +138,46 @@ def test_video_output_becomes_first_middle_last_frames():
             pass
 
     assert pipeline_kwargs(Pipe(), num_inference_steps=3, num_frames=None, guidance_scale=2.0) == {"num_inference_steps": 3}
+
+
+def tiny_pixart_pipeline(path):
+    """A tiny PixArtSigmaPipeline (word-level tokenizer, 1-layer T5 encoder) saved under ``path``."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in "a cat dog red sky in the snow".split():
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                        model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=12, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                           relative_attention_num_buckets=8)).eval()
+    transformer = PixArtTransformer2DModel(
+        sample_size=32, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+        cross_attention_dim=16, caption_channels=12, patch_size=2, norm_num_groups=1, use_additional_conditions=False).eval()
+    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+    PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=DPMSolverMultistepScheduler()).save_pretrained(path)
+    return path
+
+
+def test_sd_compare_and_eval_on_a_transformer_pipeline(tmp_path, capsys):
+    """Both commands take a DiT pipeline (here PixArt-Σ): its transformer is patched, agent calls counted."""
+    from agent_attention.commands.sd import main as sd_main
+    from agent_attention.commands.sd_eval import main as eval_main
+
+    model = str(tiny_pixart_pipeline(tmp_path / "pixart"))
+    assert sd_main(["--model", model, "--prompt", "a cat", "--steps", "2", "--warmup", "0", "--out", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out  # step 0 with agents, step 1 ToMe (the schedule switches at 40 %)
+    assert "PixArtSigmaPipeline" in out and "{'agent': 2, 'tome': 2}" in out and "warning" not in out
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    assert eval_main(["--model", model, "--prompts", str(prompts), "--steps", "2", "--warmup", "0", "--no-memory",
+                      "--json", str(tmp_path / "r.json")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["pipeline"] == "PixArtSigmaPipeline" and data["calls"]["agent"] == 4 and data["fid_features"] == "none"
