@@ -118,3 +118,26 @@ def test_code_in_the_file_is_refused(server, tmp_path):
     server.routes[f"/f/{r.file_id}/?dl=1"] = path
     with pytest.raises(ValueError, match="the file downloaded from"):
         fetch_release("mask_rcnn_agent_pvt_t_1x", cache=tmp_path, progress=False)
+
+
+def test_init_from_a_released_detector_for_other_classes(tmp_path, one_thread):
+    """Fine-tuning start: every entry of the official file is loaded, except the class layers when
+    the data has another class count; a file of another detector is refused in one line."""
+    from agent_attention.dense import build_detector
+    from agent_attention.dense.detectors.pretrained import init_from_official
+    from downstream_reference import filled_state
+
+    path = tmp_path / "retinanet.pth"
+    state = filled_state("retinanet_agent_pvt_t")
+    torch.save({"meta": {}, "state_dict": state}, path)
+    model = build_detector("retinanet", "agent_pvt_tiny", 3)
+    report = init_from_official(model, str(path))
+    assert report["fresh"] == ["bbox_head.retina_cls.weight", "bbox_head.retina_cls.bias"]
+    assert report["loaded"] == len(state) - 2
+    assert torch.equal(model.state_dict()["bbox_head.retina_reg.weight"], state["bbox_head.retina_reg.weight"])
+    assert model.bbox_head.retina_cls.out_channels == 9 * 3
+    other = build_detector("mask_rcnn", "agent_pvt_tiny", 80)
+    with pytest.raises(ValueError, match="does not fit this mask_rcnn"):
+        init_from_official(other, str(path))
+    with pytest.raises(ValueError, match="neither a detection release name nor a file"):
+        init_from_official(other, "mask_rcnn_agent_pvt_q_1x")
