@@ -25,7 +25,8 @@ class RPNHead(nn.Module):
     """
 
     def __init__(self, channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32, 64),
-                 smooth_l1_beta: Optional[float] = None, anchor_scale: float = 8.0, test_cfg: Optional[dict] = None, train_cfg: Optional[dict] = None):
+                 smooth_l1_beta: Optional[float] = None, anchor_scale: float = 8.0,
+                 test_cfg: Optional[dict] = None, train_cfg: Optional[dict] = None):
         super().__init__()
         self.anchors = AnchorGenerator(strides, ratios=(0.5, 1.0, 2.0), scales=(anchor_scale,))
         a = self.anchors.num_anchors
