@@ -121,7 +121,7 @@ def test_every_tap(run):
     taps = aligned_taps(case, taps, outputs)
     stored = case_manifest(case)["stored_outputs"]
     checked = 0
-    for name, info in stored.items():
+    for name in stored:
         if name == "input" or name.startswith("det.") or ".batched_nms." in name:
             continue
         assert name in taps, f"{case}: no tap {name}"
@@ -137,9 +137,9 @@ def test_nms_sets(run):
     for pre in ("rpn.batched_nms.0", "head.batched_nms.0"):
         if pre + ".in.boxes" not in outputs:
             continue
-        rows = lambda src: torch.cat([src[pre + ".in.boxes"], 100 * src[pre + ".in.scores"][:, None],  # noqa: E731
-                                      1000 * src[pre + ".in.idxs"][:, None].float()], dim=1)
-        match_rows(rows(taps), rows(outputs), tol=0.05)
+        rows = [torch.cat([src[pre + ".in.boxes"], 100 * src[pre + ".in.scores"][:, None],
+                           1000 * src[pre + ".in.idxs"][:, None].float()], dim=1) for src in (taps, outputs)]
+        match_rows(*rows, tol=0.05)
         match_rows(taps[pre + ".out.dets"], outputs[pre + ".out.dets"], tol=0.05)
 
 

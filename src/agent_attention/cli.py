@@ -25,6 +25,7 @@ COMMANDS = {
     "train-det": ("agent_attention.commands.train_det", "main", "train/evaluate a detector with an agent backbone"),
     "train-seg": ("agent_attention.commands.train_seg", "main", "train/evaluate a segmenter with an agent backbone"),
     "eval-seg": ("agent_attention.commands.eval_seg", "main", "mIoU of a released segmenter on an ADE20K-layout folder"),
+    "eval-det": ("agent_attention.commands.eval_det", "main", "COCO mAP of a released detector on a COCO-format folder"),
     "sd": ("agent_attention.commands.sd", "main", "generate images with a local diffusers model, with and without AgentSD"),
     "sd-eval": ("agent_attention.commands.sd_eval", "main",
                 "AgentSD vs the unpatched model on a prompt list: s/image, memory/image, FID, CLIP score"),

@@ -23,6 +23,10 @@ def build_parser():
                             "det", DET_FIELDS, dense_recipes("det"))
     p.add_argument("--train-split", default="train2017", help="COCO training split (annotations/instances_<split>.json)")
     p.add_argument("--val-split", default="val2017", help="COCO validation split")
+    p.add_argument("--init", default=None, metavar="NAME_OR_PATH",
+                   help="start from a released detector (a name of 'eval-det --list', downloaded once, or a local "
+                        "official .pth / safetensors file) to fine-tune it; its class layers are re-initialised "
+                        "when the data has another number of classes")
     return p
 
 
@@ -55,6 +59,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                            fc_channels=args.fc_channels, min_size=args.min_size, max_size=args.max_size,
                            anchor_scale=args.anchor_scale, backbone_kwargs=backbone_kwargs(args, args.detector), **det_kwargs)
     print(model.backbone.describe())
+    if args.init:
+        from ..dense.detectors.pretrained import init_from_official
+
+        report = init_from_official(model, args.init, progress=not args.no_progress)
+        fresh = f"; re-initialised for {num_classes} classes: {', '.join(report['fresh'])}" if report["fresh"] else ""
+        print(f"initialised from {args.init}: {report['loaded']} tensors{fresh}")
     print(f"{args.detector}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(train_set)} training / {len(val_set)} validation images")
     iou_types = ("bbox", "segm") if model.with_mask else ("bbox",)

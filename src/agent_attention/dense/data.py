@@ -306,7 +306,7 @@ class ADE20KFolder(Dataset):
 
 
 def detection_collate(batch):
-    """Lists of images and targets (torchvision detectors take lists)."""
+    """Lists of images and targets (the detectors take lists of any-size images)."""
     return tuple(zip(*batch))
 
 

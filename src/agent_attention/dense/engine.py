@@ -10,7 +10,7 @@
 
 Why not the classifier's :class:`~agent_attention.train.engine.Trainer`: that one is built around
 epochs, timm's cosine schedule, mixup, EMA and DDP of an image classifier; the dense loop is
-iteration-based, calls a task loss on torchvision's list-of-images batches and evaluates COCO/mIoU.
+iteration-based, calls a task loss on list-of-images batches and evaluates COCO/mIoU.
 Sharing the optimizer, scheduler, sampler, checkpoint and JSON code, and keeping the ~100-line loop
 separate, costs less than teaching the Trainer a second kind of task.
 """
@@ -54,7 +54,7 @@ def segmentation_loss(model: nn.Module, batch, device, aux_weight: float = 0.4) 
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, loader: DataLoader, coco_gt, device, label_to_cat=None,
                        iou_types: Sequence[str] = ("bbox",), progress: bool = False) -> Dict[str, float]:
-    """COCO mAP of a torchvision detector over ``loader`` (``coco_gt``: the ground truth COCO index)."""
+    """COCO mAP of a detector over ``loader`` (``coco_gt``: the ground truth COCO index)."""
     from tqdm.auto import tqdm
 
     model.eval()

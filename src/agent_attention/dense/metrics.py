@@ -64,10 +64,10 @@ def segmentation_scores(cm: Tensor, class_names: Optional[Sequence[str]] = None)
 # --------------------------------------------------------------------------- detection
 def detections_to_coco(outputs: Iterable[dict], image_ids: Iterable[int], label_to_cat: Optional[Sequence[int]] = None,
                        mask_threshold: float = 0.5) -> List[dict]:
-    """torchvision detector outputs -> COCO result dicts (``bbox`` as xywh; ``segmentation`` as RLE).
+    """Detector outputs (torchvision-style dicts) -> COCO result dicts (``bbox`` as xywh; ``segmentation`` as RLE).
 
     ``label_to_cat[label]`` maps contiguous labels to COCO category ids (identity when ``None``).
-    Masks (``(N, 1, H, W)`` probabilities, as Mask R-CNN returns) are thresholded at ``mask_threshold``.
+    Masks (``(N, 1, H, W)`` probabilities or booleans) are thresholded at ``mask_threshold``.
     """
     from pycocotools import mask as mask_utils
 

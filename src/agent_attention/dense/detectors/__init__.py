@@ -17,7 +17,15 @@ from ..backbone import AgentBackbone, AgentShapesSpec
 from .detector import DETECTORS, Detector
 from .taps import recording
 
-__all__ = ["DETECTORS", "Detector", "build_detector", "recording"]
+
+def __getattr__(name):  # the release helpers import the builder below: load them lazily
+    if name in ("build_released_detector", "pretrained_detector"):
+        from . import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(name)
+
+__all__ = ["DETECTORS", "Detector", "build_detector", "recording", "build_released_detector", "pretrained_detector"]
 
 
 def build_detector(kind: str = "mask_rcnn", backbone: str = "agent_pvt_tiny", num_classes: int = 80, *,

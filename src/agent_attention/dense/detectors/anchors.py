@@ -8,7 +8,7 @@ channels in the released checkpoints.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,7 +27,8 @@ class AnchorGenerator:
     """
 
     def __init__(self, strides: Sequence[int], ratios: Sequence[float] = (0.5, 1.0, 2.0),
-                 scales: Sequence[float] = None, octave_base_scale: float = None, scales_per_octave: int = None):
+                 scales: Optional[Sequence[float]] = None, octave_base_scale: Optional[float] = None,
+                 scales_per_octave: Optional[int] = None):
         if scales is None:
             if octave_base_scale is None or scales_per_octave is None:
                 raise ValueError("give scales, or octave_base_scale and scales_per_octave")

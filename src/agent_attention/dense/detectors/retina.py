@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ class RetinaHead(nn.Module):
     """``anchor_scale``: the octave base scale (official 4: anchors of 32–50 pixels on P3)."""
 
     def __init__(self, num_classes: int, channels: int = 256, strides: Sequence[int] = (8, 16, 32, 64, 128),
-                 stacked_convs: int = 4, anchor_scale: float = 4.0, test_cfg: dict = None, train_cfg: dict = None):
+                 stacked_convs: int = 4, anchor_scale: float = 4.0, test_cfg: Optional[dict] = None,
+                 train_cfg: Optional[dict] = None):
         super().__init__()
         self.num_classes = num_classes
         self.anchors = AnchorGenerator(strides, ratios=(0.5, 1.0, 2.0), octave_base_scale=anchor_scale, scales_per_octave=3)

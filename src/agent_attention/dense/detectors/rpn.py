@@ -2,7 +2,7 @@
 proposals by per-level top-k, decoding, empty-box filtering and NMS across levels kept apart."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ class RPNHead(nn.Module):
     """
 
     def __init__(self, channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32, 64),
-                 smooth_l1_beta: float = None, anchor_scale: float = 8.0, test_cfg: dict = None, train_cfg: dict = None):
+                 smooth_l1_beta: Optional[float] = None, anchor_scale: float = 8.0,
+                 test_cfg: Optional[dict] = None, train_cfg: Optional[dict] = None):
         super().__init__()
         self.anchors = AnchorGenerator(strides, ratios=(0.5, 1.0, 2.0), scales=(anchor_scale,))
         a = self.anchors.num_anchors
@@ -110,7 +111,7 @@ class RPNHead(nn.Module):
         return {"loss_rpn_cls": loss_cls / n, "loss_rpn_bbox": loss_box / n}
 
 
-def _box_loss(pred: Tensor, target: Tensor, beta: float = None) -> Tensor:
+def _box_loss(pred: Tensor, target: Tensor, beta: Optional[float] = None) -> Tensor:
     if beta is None:
         return F.l1_loss(pred, target, reduction="sum")
     return F.smooth_l1_loss(pred, target, reduction="sum", beta=beta)

@@ -8,7 +8,7 @@ mmdet gives each ground truth the boxes that overlap it most only when that over
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
