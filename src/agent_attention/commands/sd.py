@@ -10,7 +10,6 @@ The model directory is loaded with ``DiffusionPipeline.from_pretrained(path, loc
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -127,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     fmt = image_format(args.out)
     if args.switch_step is not None and not args.no_schedule and args.switch_step >= args.steps:
         print(f"{PROG}: note: --switch-step {args.switch_step} >= --steps {args.steps}: the second phase never "
-              "runs (every step keeps the first-phase settings, as with --no-schedule)", file=sys.stderr)
+              "runs (every step keeps the first-phase settings, as with --no-schedule)")
 
     import torch
     from diffusers import DiffusionPipeline
