@@ -302,3 +302,12 @@ def test_offline_pretrained_hint_names_the_flag(capsys):
     line = error_line(capsys, cli(["eval", "--model", "agent_deit_tiny", "--pretrained", "--no-accuracy",
                                    "--no-throughput"]), 1, "--checkpoint PATH instead of --pretrained")
     assert "pretrained_cfg_overlay" not in line
+
+
+def test_dense_progress_bars_only_on_a_terminal(capsys, tmp_path):
+    """Piped logs get the per-evaluation lines, not tqdm frames (capsys: stderr is not a terminal)."""
+    from agent_attention.commands import _dense, train_det
+    from agent_attention.dense.recipe import DET_FIELDS
+
+    run = _dense.parse(train_det.build_parser(), "det", DET_FIELDS, ["--output", str(tmp_path / "r")])
+    assert run.no_progress is True
