@@ -34,7 +34,7 @@ _MAX_CHARS = 500
 _DEBUG = [os.environ.get("AGENT_ATTENTION_DEBUG", "") not in ("", "0")]
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A bad command line (exit code 2)."""
 
     def __init__(self, message: str, prog: Optional[str] = None):
