@@ -56,7 +56,7 @@ def test_second_train_run_needs_resume_or_overwrite(capsys, tmp_path, one_thread
     (out / "checkpoint-7.pth").write_bytes((out / "checkpoint-1.pth").read_bytes())  # a stale one of a longer run
     (out / "notes.txt").write_text("mine")
     assert cli(tiny_train(out, "--overwrite", "--seed", "1")) == 0
-    assert "removed" in capsys.readouterr().err
+    assert "removed" in capsys.readouterr().out
     assert not (out / "checkpoint-7.pth").exists() and (out / "checkpoint-1.pth").exists()
     assert (out / "notes.txt").read_text() == "mine"  # not a file of the run: left alone
     assert (out / "last.pth").read_bytes() != first
@@ -205,7 +205,7 @@ def test_other_model_without_recipe_gets_its_own_recipe(capsys):
     cfg = yaml.safe_load(out.out)
     assert cfg["recipe"] == "agent_pvt_tiny" and cfg["model_kwargs"] == {} and cfg["img_size"] == 224
     assert cfg["warmup_epochs"] == 0 and cfg["cooldown_epochs"] == 0
-    assert "warm-up clipped" in out.err and "cool-down clipped" in out.err
+    assert "warm-up clipped" in out.err + out.out and "cool-down clipped" in out.err + out.out
     assert cli(["train", "--model", "resnet18", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["recipe"] == "generic"
     assert cli(["train", "--epochs", "1", "--print-config"]) == 0  # digits: warm-up 2 clipped, not refused
@@ -216,9 +216,9 @@ def test_smoke_run_of_another_model_on_a_folder(capsys, tmp_path, one_thread):
     data = image_folder(tmp_path / "data", per_class=2)
     rc = cli(["train", "--data", str(data), "--model", "agent_pvt_t", "--epochs", "1", "--num-workers", "0",
               "--no-progress", "--output", str(tmp_path / "run"), "--set", "plot=false"])
-    err = capsys.readouterr().err
-    assert rc == 0, err
-    assert "using batch_size 4" in err  # the recipe's 128 is more than the folder holds
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "using batch_size 4" in out.out  # the recipe's 128 is more than the folder holds
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
@@ -251,7 +251,7 @@ def test_sd_device_output_format_and_switch_step(capsys, tmp_path):
     error_line(capsys, cli([*base, "--out", str(tmp_path / "x.gif")]), 2, "x.gif", ".png, .jpg or .webp")
     error_line(capsys, cli([*base, "--out", str(tmp_path / "x")]), 2, ".png, .jpg or .webp")
     cli([*base, "--switch-step", "5", "--steps", "2", "--out", str(tmp_path / "x.png")])  # fails later: no real model
-    notes = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "note:" in ln]
     assert len(notes) == 1 and "--switch-step 5 >= --steps 2" in notes[0]
 
 
@@ -302,3 +302,12 @@ def test_offline_pretrained_hint_names_the_flag(capsys):
     line = error_line(capsys, cli(["eval", "--model", "agent_deit_tiny", "--pretrained", "--no-accuracy",
                                    "--no-throughput"]), 1, "--checkpoint PATH instead of --pretrained")
     assert "pretrained_cfg_overlay" not in line
+
+
+def test_dense_progress_bars_only_on_a_terminal(capsys, tmp_path):
+    """Piped logs get the per-evaluation lines, not tqdm frames (capsys: stderr is not a terminal)."""
+    from agent_attention.commands import _dense, train_det
+    from agent_attention.dense.recipe import DET_FIELDS
+
+    run = _dense.parse(train_det.build_parser(), "det", DET_FIELDS, ["--output", str(tmp_path / "r")])
+    assert run.no_progress is True

@@ -51,7 +51,7 @@ def test_require_names_the_extra(monkeypatch):
     assert require("json", "anything").__name__ == "json"
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(MissingExtraError, match=r"^the embedded digits set needs scikit-learn, which is not installed: "
-                                                 r"pip install 'agent-attention\[train\]'$"):
+                                                 r'pip install "agent-attention\[train\]"$'):
         from agent_attention.train.data import DigitsDataset
 
         DigitsDataset("train")

@@ -51,7 +51,7 @@ def _strict(text: str):
     ("scale", "[0.9, 0.2]", r"'scale' is a \(low, high\) pair"),
     ("opt_betas", "[0.9]", r"'opt_betas' needs 2 values"),
     ("opt_betas", "[0.9, 1.0]", r"'opt_betas' must be in \[0, 1\)"),
-    ("std", "[0.5, 0, 0.5]", r"'std' must be > 0"),
+    ("std", "[0.5, 0, 0.5]", r"'std' must be in \(0, 1\]"),
 ])
 def test_numeric_fields_are_range_checked(field, value, match):
     with pytest.raises(ValueError, match=match) as err:

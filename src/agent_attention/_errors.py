@@ -22,8 +22,9 @@ _MAX_CHARS = 500
 USAGE_ERROR_TYPES = (ValueError, TypeError, FileNotFoundError)
 
 
-class UsageError(Exception):
-    """A bad command line (exit code 2)."""
+class UsageError(ValueError):
+    """A bad command line (exit code 2); a ``ValueError``, so a command's ``main`` called from
+    Python raises what it raised before."""
 
     def __init__(self, message: str, prog: Optional[str] = None):
         super().__init__(message)

@@ -96,55 +96,77 @@ def goals(records: List[dict], size: int = 224) -> List[str]:
     return lines
 
 
+def _x_axis(rows: List[dict]):
+    """What a mode's panels plot against: the input size when it has several, else the batch size."""
+    sizes = sorted({r["size"] for r in rows})
+    if len(sizes) > 1 or len({r["batch"] for r in rows}) == 1:
+        return "size", sizes, "input size (pixels per side)"
+    return "batch", sorted({r["batch"] for r in rows}), f"batch size (input {sizes[0]}²)"
+
+
+def _log_axis(ax) -> None:
+    """Log scale with plain numbers; minor ticks labelled only where a panel spans few decades."""
+    from matplotlib.ticker import LogFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
+    ax.tick_params(axis="y", which="both", labelsize=6)
+
+
 def plot(records: List[dict], path: Path, title: str) -> Path:
-    """One column per model; rows: images/s and peak memory per mode, against the input size."""
+    """One column per model; rows: images/s and peak memory per mode, against the input size (or,
+    for a mode measured at one size, the batch size); one legend for the figure."""
     from .._extras import require
 
     require("matplotlib", "the benchmark plots", "bench")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
     ok = [r for r in records if r.get("images_per_s")]
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
     models = list(dict.fromkeys(r["model"] for r in ok))
     modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in ok)]
-    sizes = sorted({r["size"] for r in ok})
     panels = [(mode, key) for mode in modes for key in ("images_per_s", "peak_bytes")]
-    fig = Figure(figsize=(3.3 * max(1, len(models)) + 0.6, 2.9 * len(panels) + 0.6), layout="constrained")
+    fig = Figure(figsize=(3.3 * max(1, len(models)) + 0.6, 2.7 * len(panels) + 1.2), layout="constrained")
     axes = fig.subplots(max(1, len(panels)), max(1, len(models)), squeeze=False)
     colors = {"agent": "tab:green", "official": "tab:purple", "math": "tab:orange", "softmax": "tab:red",
               "compiled": "tab:blue"}
     batches = sorted({r["batch"] for r in ok})
     markers = dict(zip(batches, "os^Dv<>"))
-    for col, m in enumerate(models):
-        for row, (mode, key) in enumerate(panels):
+    legend: dict = {}
+    for row, (mode, key) in enumerate(panels):
+        in_mode = [r for r in ok if r["mode"] == mode]
+        x_key, xs, x_label = _x_axis(in_mode)
+        for col, m in enumerate(models):
             ax = axes[row, col]
-            lines = dict.fromkeys((r["variant"], r["amp"], r["batch"]) for r in ok
-                                  if r["model"] == m and r["mode"] == mode)
-            for v, amp, batch in lines:
-                pts = sorted((r["size"], r[key] * (1.0 if key == "images_per_s" else 2.0**-20)) for r in ok
-                             if (r["model"], r["mode"], r["variant"], r["amp"], r["batch"]) == (m, mode, v, amp, batch)
-                             and r.get(key))
-                if not pts:
-                    continue
-                name = label(v, amp) + (f", b{batch}" if len(batches) > 1 else "")
-                ax.plot(*zip(*pts), ls="-" if amp == "none" else "--", marker=markers[batch],
-                        color=colors.get(v, "gray"), label=name, ms=4)
-            ax.set_yscale("log")
-            ax.set_xticks(sizes)
-            ax.set_xticklabels([str(s) for s in sizes], fontsize=7)
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
-            ax.tick_params(axis="y", which="both", labelsize=6)
+            rows = [r for r in in_mode if r["model"] == m and r.get(key)]
+            per_line = "batch" if x_key == "size" else "size"
+            for v, amp, other in dict.fromkeys((r["variant"], r["amp"], r[per_line]) for r in rows):
+                pts = sorted((r[x_key], r[key] * (1.0 if key == "images_per_s" else 2.0**-20)) for r in rows
+                             if (r["variant"], r["amp"], r[per_line]) == (v, amp, other))
+                name = label(v, amp) + (f", b{other}" if x_key == "size" and len(batches) > 1 else "")
+                (line,) = ax.plot(*zip(*pts), ls="-" if amp == "none" else "--",
+                                  marker=markers.get(other, "o") if x_key == "size" else "o",
+                                  color=colors.get(v, "gray"), label=name, ms=4)
+                legend.setdefault(name, line)
+            _log_axis(ax)
+            ax.set_xscale("log", base=2) if x_key == "batch" else None
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs], fontsize=7)
+            ax.minorticks_off() if x_key == "batch" else None
+            if x_key == "batch":
+                _log_axis(ax)  # (minorticks_off cleared the y minor ticks too)
+            ax.set_xlim(xs[0] / (1.25 if x_key == "batch" else 1.04), xs[-1] * (1.25 if x_key == "batch" else 1.04))
             ax.grid(True, which="both", alpha=0.3)
             if col == 0:
                 ax.set_ylabel(f"{mode}: " + ("images / s" if key == "images_per_s" else "peak MB"), fontsize=8)
             if row == 0:
                 ax.set_title(m, fontsize=9)
-            if col == 0 and key == "images_per_s":
-                ax.legend(fontsize=5.5, loc="best")
-            if row == len(panels) - 1:
-                ax.set_xlabel("input size (pixels per side)", fontsize=8)
+            ax.set_xlabel(x_label, fontsize=7)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(6, len(legend)),
+                   fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=8)
     return common.save_figure(fig, path)
 

@@ -184,13 +184,18 @@ def summarize(records: List[dict], methods: Sequence[str], ratios: Sequence[floa
 
 
 def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) -> Path:
+    """Per image size: s/step against the merging ratio, and peak memory when it was measured (not
+    under ``--no-memory``); the legend below the panels, so no curve hides behind it."""
     sizes = sorted({r["size"] for r in records})
-    fig, axes = common.new_figure(2 * len(sizes), width=4.6)
+    memory = any(r.get("peak_bytes") for r in records)
+    keys = [("seconds", 1.0, "s / UNet step (wall; dotted: CPU)")] + ([("peak_bytes", 2**-20, "peak MiB")] if memory else [])
+    fig, axes = common.new_figure(len(keys) * len(sizes), width=4.6, height=4.6)
+    ratios = sorted({r["ratio"] for r in records if r["method"] != "baseline" and r.get("ratio") is not None})
     for i, size in enumerate(sizes):
-        ax_t, ax_m = axes[2 * i], axes[2 * i + 1]
         rec = [r for r in records if r["size"] == size]
         base = next(r for r in rec if r["method"] == "baseline")
-        for ax, key, scale, unit in ((ax_t, "seconds", 1.0, "s / UNet step (wall; dotted: CPU)"), (ax_m, "peak_bytes", 2**-20, "peak MiB")):
+        for j, (key, scale, unit) in enumerate(keys):
+            ax = axes[len(keys) * i + j]
             ax.axhline(base[key] * scale, color="k", ls="--", label=LABELS["baseline"])
             if key == "seconds":
                 ax.axhline(base["cpu_seconds"], color="k", ls=":", label="baseline, CPU time")
@@ -200,12 +205,17 @@ def plot(records: List[dict], methods: Sequence[str], path: Path, title: str) ->
                 if key == "seconds":
                     ax.plot([p[0] for p in pts], [p[2] for p in pts], ls=":", marker=".", color=line.get_color(),
                             label=f"{LABELS[m]}, CPU time")
+            if ratios:
+                ax.set_xticks(ratios)
+                pad = 0.1 if len(ratios) == 1 else 0.05 * (ratios[-1] - ratios[0])
+                ax.set_xlim(ratios[0] - pad, ratios[-1] + pad)
             ax.set_xlabel("merging ratio r")
             ax.set_ylabel(unit)
             ax.set_title(f"{size}² image ({size // 8}² latent)", fontsize=9)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        ax_t.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 2 * len(axes)), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=8)
     return common.save_figure(fig, path)
 

@@ -95,7 +95,7 @@ def plot(table: Sequence[dict], path: Path, title: str) -> Path:
     ax.set_xticks(range(len(table)), labels, fontsize=8)
     ax.set_ylabel("speed-up over diffusers SDPA (wall time per UNet step)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=3)
+    fig.legend(loc="outside lower center", fontsize=7, ncol=len(COLUMNS), frameon=False)  # below: hides no bar
     fig.suptitle(title, fontsize=8)
     return common.save_figure(fig, path)
 

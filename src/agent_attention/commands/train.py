@@ -50,7 +50,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\n".join(list_recipes()))
         return 0
     with usage_errors():
-        cfg = config_from_args(args)
+        to_stderr = (lambda text: print(text, file=sys.stderr)) if args.print_config else None  # (stdout: the yaml)
+        cfg = config_from_args(args, note=to_stderr)
         if cfg.epochs < 1:  # (the recipe's range checks say it too; the schedule asserts otherwise)
             raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
         check_device(cfg.device, resolve_device)
@@ -65,11 +66,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             warn_slow_dtype(amp_dtype(cfg.amp, device), device, f"--amp {cfg.amp}", PROG)
             check_model(cfg.model, cfg.model_kwargs, cfg.img_size, cfg.num_classes)
             check_data(cfg, train=True)
-            check_run_dir(cfg.output or f"runs/{cfg.recipe}", bool(cfg.resume), args.overwrite,
-                          log=lambda m: print(m, file=sys.stderr))
+            check_run_dir(cfg.output or f"runs/{cfg.recipe}", bool(cfg.resume), args.overwrite)
     if args.recipe is None and cfg.recipe != "digits":
         print(f"note: --model {cfg.model} without --recipe: using the recipe {cfg.recipe!r} "
-              "(see --list-recipes; --print-config shows every value)", file=sys.stderr)
+              "(see --list-recipes; --print-config shows every value)", file=sys.stderr if args.print_config else sys.stdout)
     if args.print_config:
         print(yaml.safe_dump(dict(cfg), sort_keys=False), end="")
         return 0

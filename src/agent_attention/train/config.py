@@ -395,26 +395,25 @@ def config_from_args(args: argparse.Namespace, note=None) -> Config:
     """Recipe named by ``args.recipe`` (none: :func:`default_recipe`) <- ``--set`` items <- explicit
     field flags. A recipe warm-up that the given ``epochs`` would not outlast (not set on the command
     line) is clipped to half the epochs, and the recipe's cool-down to a tenth of ``epochs`` given on
-    the command line, each with a note (``note(text)``, default: stderr)."""
+    the command line, each with a note (``note(text)``, default: printed)."""
     overrides = overrides_from_args(args)
     cfg = load_recipe(args.recipe or default_recipe(overrides), overrides, check=False)
     if "warmup_epochs" not in overrides and 1 <= cfg["epochs"] <= cfg["warmup_epochs"]:
         clipped = cfg["epochs"] // 2
-        (note or _stderr_note)(f"note: warm-up clipped to {clipped} epoch(s): the recipe's warmup_epochs "
+        (note or _print_note)(f"note: warm-up clipped to {clipped} epoch(s): the recipe's warmup_epochs "
                                f"{cfg['warmup_epochs']} would last the whole {cfg['epochs']}-epoch run")
         cfg["warmup_epochs"] = clipped
     cool = cfg["cooldown_epochs"]
     if "epochs" in overrides and "cooldown_epochs" not in overrides and cool > cfg["epochs"] // 10:
-        (note or _stderr_note)(f"note: cool-down clipped to {cfg['epochs'] // 10} epoch(s): the recipe's "
+        (note or _print_note)(f"note: cool-down clipped to {cfg['epochs'] // 10} epoch(s): the recipe's "
                                f"cooldown_epochs {cool} would add them to the {cfg['epochs']}-epoch run")
         cfg["cooldown_epochs"] = cfg["epochs"] // 10
     validate(cfg)
     return cfg
 
 
-def _stderr_note(text: str) -> None:
+def _print_note(text: str) -> None:
     import os
-    import sys
 
     if os.environ.get("RANK", "0") in ("", "0"):  # once under torchrun
-        print(text, file=sys.stderr)
+        print(text, flush=True)

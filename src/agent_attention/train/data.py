@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import sys
 import random
 import zlib
 from dataclasses import dataclass
@@ -294,7 +293,7 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, device: Optional[torc
     if len(base) < cfg.batch_size:  # a small folder with an ImageNet recipe: one batch of everything
         if rank == 0:
             print(f"note: batch_size {cfg.batch_size} is larger than the {len(base)} training samples of a process: "
-                  f"using batch_size {len(base)}", file=sys.stderr)
+                  f"using batch_size {len(base)}", flush=True)
         cfg["batch_size"] = len(base)
     train_loader = _loader(train_set, sampler, cfg.batch_size, cfg, device, True, cfg.seed)
     return Loaders(train_loader, val_loader, sampler, train_set, num_classes, desc)
