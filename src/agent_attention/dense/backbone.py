@@ -77,14 +77,15 @@ def parse_agent_shapes(spec: AgentShapesSpec, official=None, num_stages: int = 4
 
 def agent_modules_by_stage(model: nn.Module) -> List[Tuple[int, str, AgentAttention]]:
     """``(stage, name, module)`` of every 2-D agent-attention module, the stage ``i`` being the module
-    ``feature_info[i]["module"]`` that holds it (stages pruned away are skipped)."""
+    ``feature_info[i]["stage"]`` (else ``["module"]``) that holds it (stages pruned away are skipped)."""
     out, seen = [], set()
     for i, info in enumerate(getattr(model, "feature_info", None) or []):
+        name = info.get("stage", info["module"])
         try:
-            stage = model.get_submodule(info["module"])
+            stage = model.get_submodule(name)
         except AttributeError:
             continue  # pruned (features_only / FeatureGetterNet)
-        for n, m in stage.named_modules(prefix=info["module"]):
+        for n, m in stage.named_modules(prefix=name):
             if isinstance(m, AgentAttention) and m.ndim == 2 and id(m) not in seen:
                 seen.add(id(m))
                 out.append((i, n, m))

@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.models import register_notrace_function
+from timm.models import register_notrace_function, register_notrace_module
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._grids import HW
+from .._grids import HW, fx_tracing
 
 __all__ = ["take_indices", "check_output_fmt", "merged_hw", "to_nchw", "check_image", "run_blocks", "init_linear_norm",
-           "check_pool", "ClassifierMixin", "HierarchicalMixin"]
+           "check_pool", "opaque_forward", "FeatureMap", "feature_maps", "ClassifierMixin", "HierarchicalMixin"]
 
 
 def take_indices(num: int, indices) -> Tuple[List[int], int]:
@@ -56,6 +56,38 @@ def check_image(x: Tensor, in_chans: int, name: str, min_size: int = 1) -> None:
         raise ValueError(f"{name}: expected an image batch (B, {in_chans}, H, W), got {tuple(x.shape)}")
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(f"{name}: input size {tuple(x.shape[2:])} too small: needs at least {min_size}x{min_size}")
+
+
+def opaque_forward(module: nn.Module, *args):
+    """``module.forward_impl(*args)``. A family file wraps this function for ``torch.fx``
+    (``torch.fx.wrap("opaque_forward")``) and calls it from the ``forward`` of a block whose Python
+    follows the map size (window geometry, padding), so that any FX tracer, torchvision's included,
+    records the block as one call (timm's tracer already keeps it a leaf module)."""
+    return module.forward_impl(*args)
+
+
+@register_notrace_module  # FX: a leaf for timm's tracer (torchvision's traces its reshape)
+class FeatureMap(nn.Module):
+    """A stage's tokens ``(B, P + H·W, C)`` as the map ``(B, C, H, W)`` (``P`` prefix tokens dropped).
+
+    The FX feature taps: ``feature_info[i]["module"]`` names the ``FeatureMap`` of stage ``i``, which
+    the model calls while FX traces it (and, where the forward needs the map anyway, always), so that
+    ``features_only=True, feature_cls="fx"`` and torchvision's ``create_feature_extractor`` return
+    the NCHW maps of ``forward_intermediates``. No parameters: the state dict is unchanged."""
+
+    def __init__(self, num_prefix_tokens: int = 0, contiguous: bool = True):
+        super().__init__()
+        self.num_prefix_tokens, self.contiguous = num_prefix_tokens, contiguous
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        if self.num_prefix_tokens:
+            x = x[:, self.num_prefix_tokens:]
+        return to_nchw(x, hw, self.contiguous)
+
+
+def feature_maps(n: int, **kwargs) -> nn.ModuleList:
+    """``n`` :class:`FeatureMap` taps (the ``feature_maps`` of a model)."""
+    return nn.ModuleList(FeatureMap(**kwargs) for _ in range(n))
 
 
 def run_blocks(blocks: Iterable[nn.Module], x: Tensor, hw: HW, checkpointing: bool = False) -> Tensor:
@@ -135,6 +167,19 @@ class HierarchicalMixin(ClassifierMixin):
     """
 
     norm: nn.Module
+    feature_maps: nn.ModuleList
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final-normed features ``(B, H/32, W/32, C)`` (NHWC, like timm's Swin)."""
+        x, hw = self._embed(x)
+        for i, (merge, run) in enumerate(self._merge_stage_pairs()):
+            if merge is not None:
+                x, hw = merge(x, hw), merge.output_hw(hw)
+            x = run(x, hw)
+            if fx_tracing():  # the FX feature tap of this stage (feature_info[i]["module"])
+                self.feature_maps[i](x, hw)
+        x = self.norm(x)
+        return x.view(x.shape[0], hw[0], hw[1], -1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """NHWC features -> pooled features (``pre_logits``) or logits."""

@@ -20,15 +20,20 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from torch import Tensor, nn
 
-from .._grids import HW, _channels_last_grid, round_up
+from .._grids import HW, _channels_last_grid, fx_tracing, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
-from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
+from ._model_api import (HierarchicalMixin, check_image, check_pool, feature_maps, init_linear_norm, merged_hw,
+                         opaque_forward, run_blocks, take_indices, to_nchw)
 from ._resize import resize_agent_bias
 from ._safe_load import unwrap_state_dict
 from ._windows import known_true, pad_to, same_size, window_padding_mask, window_partition, window_reverse
 from .pretrained import official_url
 from .registry import build, default_cfg, register_family
+
+# any FX tracer (torchvision's create_feature_extractor too): these calls of this file are graph leaves
+for _name in ("check_image", "opaque_forward"):
+    torch.fx.wrap(_name)
 
 __all__ = ["AgentCSWinTransformer", "LePEAttention", "CSWinAgentAttention", "CSWinBlock", "checkpoint_filter_fn"]
 
@@ -164,6 +169,11 @@ class CSWinBlock(nn.Module):
         self.norm2 = norm_layer(dim)
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
+        if fx_tracing():  # any FX tracer: one opaque call (the stripes follow the map size)
+            return opaque_forward(self, x, hw)
+        return self.forward_impl(x, hw)
+
+    def forward_impl(self, x: Tensor, hw: HW) -> Tensor:
         B, L, C = x.shape
         if L != hw[0] * hw[1]:
             raise ValueError(f"CSWinBlock: {L} tokens do not match the map size {hw[0]}x{hw[1]}")
@@ -252,10 +262,13 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
                                  agent=plan[i][j], agent_num=agent_nums[i])
                       for j in range(depth[i])]
             self.add_module(f"stage{i + 1}", nn.ModuleList(blocks))
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stage{i + 1}"))
+            # module: the FX tap of the stage's map; stage: the module holding its blocks
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"feature_maps.{i}",
+                                          stage=f"stage{i + 1}"))
         self.num_stages = n
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_maps = feature_maps(n)
         self.apply(init_linear_norm)
 
     # ------------------------------------------------------------------ timm API
@@ -305,16 +318,6 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
     def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
         """Per stage: its opening merge (``None`` for the first) and its blocks."""
         return [(merge, partial(self._run_blocks, blocks)) for merge, blocks in self._stages()]
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Final-normed features ``(B, H/32, W/32, C)`` (NHWC)."""
-        x, hw = self._embed(x)
-        for merge, blocks in self._stages():
-            if merge is not None:
-                x, hw = merge(x, hw), merge.output_hw(hw)
-            x = self._run_blocks(blocks, x, hw)
-        x = self.norm(x)
-        return x.view(x.shape[0], hw[0], hw[1], -1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -23,14 +23,18 @@ from torch import Tensor, nn
 from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import AgentNum, parse_agent_num, per_stage
-from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, init_linear_norm, run_blocks,
-                         take_indices, to_nchw)
+from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, feature_maps, init_linear_norm,
+                         run_blocks, take_indices, to_nchw)
 from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
 from ._safe_load import unwrap_state_dict
 from .pretrained import official_url
 from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentPyramidVisionTransformer", "SRAttention", "checkpoint_filter_fn"]
+
+# any FX tracer (torchvision's create_feature_extractor too): these calls of this file are graph leaves
+for _name in ("check_image", "check_sr_grid", "resize_pos_embed"):
+    torch.fx.wrap(_name)
 
 
 class PatchEmbed(nn.Module):
@@ -193,9 +197,12 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
             ))
             cur += depths[i]
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        # module: the stage's map (the FX tap, on the forward path); stage: the module holding its blocks
         self.feature_info = [
-            dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"block{i + 1}") for i in range(S)
+            dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"feature_maps.{i}", stage=f"block{i + 1}")
+            for i in range(S)
         ]
+        self.feature_maps = feature_maps(S, contiguous=False)
         self._init_weights()
 
     # ----------------------------------------------------------------------------- init / timm API
@@ -233,7 +240,7 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         """Last-stage map ``(B, C, H/32, W/32)``."""
         self._check_input(x)
         for i in range(self.num_stages):
-            x = to_nchw(*self._stage(i, x), contiguous=False)
+            x = self.feature_maps[i](*self._stage(i, x))
         return x
 
     def forward(self, x: Tensor) -> Tensor:

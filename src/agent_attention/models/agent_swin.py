@@ -21,10 +21,11 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_function, register_notrace_module
 from torch import Tensor, nn
 
-from .._grids import HW, round_up
+from .._grids import HW, fx_tracing, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
-from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
+from ._model_api import (HierarchicalMixin, check_image, check_pool, feature_maps, init_linear_norm, merged_hw,
+                         opaque_forward, run_blocks, take_indices, to_nchw)
 from ._resize import resize_agent_bias, resize_rel_pos_table
 from ._safe_load import unwrap_state_dict
 from ._windows import (WindowAttention, known_true, pad_to, relative_position_index, same_size, shifted_window_mask,
@@ -36,6 +37,9 @@ __all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMe
            "relative_position_index", "shifted_window_mask"]
 
 _GEOMETRY_BUFFERS = ("relative_position_index", "attn_mask")
+# any FX tracer (torchvision's create_feature_extractor too): these calls of this file are graph leaves
+for _name in ("check_image", "opaque_forward", "pad_to", "pad_to_multiple", "absolute_pos_embed"):
+    torch.fx.wrap(_name)
 
 
 @register_notrace_module  # FX: a leaf (window geometry, padding and masks follow the actual map size)
@@ -135,6 +139,11 @@ class AgentSwinBlock(nn.Module):
         return x[:, :H, :W].clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
+        if fx_tracing():  # any FX tracer: one opaque call (the geometry follows the map size)
+            return opaque_forward(self, x, hw)
+        return self.forward_impl(x, hw)
+
+    def forward_impl(self, x: Tensor, hw: HW) -> Tensor:
         H, W = hw
         B, L, C = x.shape
         if L != H * W:
@@ -290,10 +299,13 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
                 window=max(7, window_size // 8), agent_flags=plan[i], agent_num=agent_nums[i], mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])], norm_layer=norm_layer, downsample=i < n - 1))
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
+            # module: the FX tap of the stage's map (before its merge); stage: the module holding its blocks
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"feature_maps.{i}",
+                                          stage=f"layers.{i}"))
             res = merged_hw(res)
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_maps = feature_maps(n)
         self.apply(init_linear_norm)
         if use_checkpoint:
             self.set_grad_checkpointing(True)
@@ -342,15 +354,6 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
         if self.ape:
             x = x + absolute_pos_embed(self.absolute_pos_embed, self.patches_resolution, hw)
         return self.pos_drop(x), hw
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Final-normed features ``(B, H/32, W/32, C)`` (NHWC, like timm's Swin)."""
-        x, hw = self._embed(x)
-        for layer in self.layers:
-            x = layer(x, hw)
-            hw = layer.output_hw(hw)
-        x = self.norm(x)
-        return x.view(x.shape[0], hw[0], hw[1], -1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
