@@ -5,7 +5,7 @@ with ``forward_intermediates``) as a feature extractor with the official downstr
 (spec §6.1), which each model declares itself:
 
 * **agent shapes per stage** for dense inputs: every :class:`~agent_attention.layers.AgentAttention`
-  of stage ``i`` (the module ``feature_info[i]["module"]``) pools its agents to ``agent_shapes[i]``
+  of stage ``i`` (the module ``feature_info[i]["stage"]``) pools its agents to ``agent_shapes[i]``
   (``"official"``: the model's ``downstream_agent_shapes``); the agent biases keep their
   classification shapes and are resized at run time, so ImageNet checkpoints load unchanged;
 * **the model's downstream window rule** (``set_downstream_windows()``, e.g. Swin shifts every odd

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from .._grids import HW, _channels_last_grid, fx_tracing, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
-from ._model_api import (HierarchicalMixin, check_image, check_pool, feature_maps, init_linear_norm, merged_hw,
-                         opaque_forward, run_blocks, take_indices, to_nchw)
+from ._model_api import (HierarchicalMixin, check_dynamic_img_size, check_image, check_pool, feature_maps,
+                         init_kwargs, init_linear_norm, merged_hw, opaque_forward, run_blocks, take_indices, to_nchw)
 from ._resize import resize_agent_bias
 from ._safe_load import unwrap_state_dict
 from ._windows import known_true, pad_to, same_size, window_padding_mask, window_partition, window_reverse
@@ -224,8 +224,11 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
                  num_heads=(2, 4, 8, 16), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, hybrid_backbone=None, norm_layer=None, use_chk: bool = False,
-                 agent_num=(9, 16, 49, 49), attn_type: str = "AABB", depths: Optional[Sequence[int]] = None):
+                 agent_num=(9, 16, 49, 49), attn_type: str = "AABB", depths: Optional[Sequence[int]] = None,
+                 dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-CSWin")
         if hybrid_backbone is not None:
             raise ValueError("AgentCSWinTransformer: hybrid_backbone is not supported")
         norm_layer = resolve_norm_layer(norm_layer)
@@ -283,6 +286,9 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
             return dict(stem=r"^stage1_conv_embed", blocks=[(r"^stage(\d+)", None), (r"^merge(\d+)", None)])
         return dict(stem=r"^stage1_conv_embed",
                     blocks=[(r"^stage(\d+)\.(\d+)", None), (r"^merge(\d+)", (99999,)), (r"^norm", (99999,))])
+
+    def resized_state_dict(self, target: "AgentCSWinTransformer") -> Dict[str, Tensor]:
+        return checkpoint_filter_fn(self.state_dict(), target)
 
     export_size_oblivious = True  # see models.export: stripes are padded at some sizes and not at others
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .._grids import HW, fx_tracing
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import AgentNum, parse_agent_num
-from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, feature_maps, init_linear_norm,
-                         run_blocks, take_indices, to_nchw)
+from ._model_api import (ClassifierMixin, check_dynamic_img_size, check_image, check_output_fmt, check_pool,
+                         feature_maps, init_kwargs, init_linear_norm, run_blocks, take_indices, to_nchw)
 from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
 from ._safe_load import unwrap_state_dict
 from .pretrained import official_url
@@ -121,8 +121,10 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, agent_num: AgentNum = 49,
-                 agent_layer: Optional[int] = -1, norm_eps: float = 1e-6):
+                 agent_layer: Optional[int] = -1, norm_eps: float = 1e-6, dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-DeiT")
         check_pool(global_pool, self.global_pools)
         if depth <= 0 or embed_dim <= 0 or embed_dim % num_heads:
             raise ValueError(f"invalid depth {depth} / embed_dim {embed_dim} / num_heads {num_heads}")
@@ -177,6 +179,11 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def resized_state_dict(self, target: "AgentVisionTransformer") -> Dict[str, Tensor]:
+        sd = self.state_dict()
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], self.grid, target.grid, num_prefix=1, mode="bicubic")
+        return checkpoint_filter_fn(sd, target)
 
     # ------------------------------------------------------------------------------------- forward
     def grid_size(self, img_hw: Sequence[int]) -> HW:

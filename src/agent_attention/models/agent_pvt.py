@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import AgentNum, parse_agent_num, per_stage
-from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, feature_maps, init_linear_norm,
-                         run_blocks, take_indices, to_nchw)
+from ._model_api import (ClassifierMixin, check_dynamic_img_size, check_image, check_output_fmt, check_pool,
+                         feature_maps, init_kwargs, init_linear_norm, run_blocks, take_indices, to_nchw)
 from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
 from ._safe_load import unwrap_state_dict
 from .pretrained import official_url
@@ -133,6 +133,7 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
 
     #: official downstream agent grids (``downstream_agent_shapes`` of the mmdet / mmseg configs)
     downstream_agent_shapes = ((12, 12), (16, 16), (28, 28), (28, 28))
+    unpooled_classifier = False  # NCHW features: global_pool='' needs num_classes=0
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg",
@@ -141,12 +142,15 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  depths: Sequence[int] = (2, 2, 2, 2), sr_ratios: Sequence[int] = (8, 4, 2, 1),
                  agent_sr_ratios: Union[str, Sequence[int]] = "1111", num_stages: int = 4,
-                 agent_num: AgentNum = (9, 16, 49, 49), attn_type: Optional[str] = "AAAA", norm_eps: float = 1e-6):
+                 agent_num: AgentNum = (9, 16, 49, 49), attn_type: Optional[str] = "AAAA", norm_eps: float = 1e-6,
+                 dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-PVT")
         S = num_stages
         if S < 1:
             raise ValueError(f"num_stages must be >= 1, got {S}")
-        check_pool(global_pool, self.global_pools)
+        self.check_head(num_classes, check_pool(global_pool, self.global_pools))
         stages = dict(truncate=True)  # the official model takes the first num_stages entries
         embed_dims = per_stage(embed_dims, S, "embed_dims", **stages)
         num_heads = per_stage(num_heads, S, "num_heads", **stages)
@@ -224,6 +228,13 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         blocks = r"^(?:block|patch_embed|pos_embed)(\d+)" if coarse else [
             (r"^(?:patch_embed|pos_embed)(\d+)", (-1,)), (r"^block(\d+)\.(\d+)", None)]
         return dict(stem=r"^(?:patch_embed|pos_embed)1\b", blocks=blocks)
+
+    def resized_state_dict(self, target: "AgentPyramidVisionTransformer") -> Dict[str, Tensor]:
+        sd = self.state_dict()
+        for i in range(self.num_stages):
+            key = f"pos_embed{i + 1}"
+            sd[key] = resize_pos_embed(sd[key], self.grids[i], target.grids[i], 0, mode="bilinear")
+        return checkpoint_filter_fn(sd, target)
 
     # ------------------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:

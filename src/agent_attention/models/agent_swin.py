@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from .._grids import HW, fx_tracing, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
-from ._model_api import (HierarchicalMixin, check_image, check_pool, feature_maps, init_linear_norm, merged_hw,
-                         opaque_forward, run_blocks, take_indices, to_nchw)
-from ._resize import resize_agent_bias, resize_rel_pos_table
+from ._model_api import (HierarchicalMixin, check_dynamic_img_size, check_image, check_pool, feature_maps,
+                         init_kwargs, init_linear_norm, merged_hw, opaque_forward, run_blocks, take_indices, to_nchw)
+from ._resize import resize_agent_bias, resize_pos_embed, resize_rel_pos_table
 from ._safe_load import unwrap_state_dict
 from ._windows import (WindowAttention, known_true, pad_to, relative_position_index, same_size, shifted_window_mask,
                        window_padding_mask, window_partition, window_reverse)
@@ -266,8 +266,11 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
                  window_size: Optional[int] = None, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, norm_layer=None, ape: bool = False, patch_norm: bool = True,
-                 use_checkpoint: bool = False, agent_num=(9, 16, 49, 49), attn_type: str = "AAAB"):
+                 use_checkpoint: bool = False, agent_num=(9, 16, 49, 49), attn_type: str = "AAAB",
+                 dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-Swin")
         norm_layer = resolve_norm_layer(norm_layer)
         depths, n = list(depths), len(depths)
         num_heads = parse_int_list(num_heads, n, "num_heads")
@@ -335,6 +338,13 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
             layer.grad_checkpointing = enable
 
     export_size_oblivious = True  # see models.export: window counts per stage may be 1 or more
+
+    def resized_state_dict(self, target: "AgentSwinTransformer") -> Dict[str, Tensor]:
+        sd = self.state_dict()
+        if self.ape:
+            sd["absolute_pos_embed"] = resize_pos_embed(sd["absolute_pos_embed"], self.patches_resolution,
+                                                        target.patches_resolution, 0, mode="bicubic")
+        return checkpoint_filter_fn(sd, target)
 
     def export_min_size(self) -> int:
         """Smallest input side (pixels) of a dynamic-size export: every window block of every stage
