@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from .._grids import HW, fx_tracing
 
 __all__ = ["take_indices", "check_output_fmt", "merged_hw", "to_nchw", "check_image", "run_blocks", "init_linear_norm",
-           "check_pool", "check_dynamic_img_size", "init_kwargs", "opaque_forward", "FeatureMap", "feature_maps", "ClassifierMixin", "HierarchicalMixin"]
+           "check_pool", "check_dynamic_img_size", "init_kwargs", "opaque_forward", "FeatureMap", "feature_maps",
+           "ClassifierMixin", "HierarchicalMixin"]
 
 
 def take_indices(num: int, indices) -> Tuple[List[int], int]:
@@ -210,8 +211,9 @@ class ClassifierMixin:
         if init is None:  # pragma: no cover - every family records it
             raise ValueError(f"{type(self).__name__}.set_input_size: the constructor arguments were not recorded")
         ref = next(self.parameters())
-        fresh = type(self)(**{**init, "img_size": img_size, "num_classes": self.num_classes,
-                              "global_pool": self.global_pool})
+        with torch.random.fork_rng(devices=[]):  # the rebuild's random init leaves the caller's RNG alone
+            fresh = type(self)(**{**init, "img_size": img_size, "num_classes": self.num_classes,
+                                  "global_pool": self.global_pool})
         try:
             fresh.load_state_dict(self.resized_state_dict(fresh))
         except RuntimeError as e:

@@ -37,7 +37,7 @@ def size_multiple(model: nn.Module) -> int:
 
 def example_input(model: nn.Module, size: Optional[Size] = None, batch: int = 2) -> torch.Tensor:
     """A random input ``(batch, C, H, W)``: ``size`` (int or (H, W)) or the cfg's input size, rounded
-    up to :func:`size_multiple`. A batch of 2 keeps the batch dimension symbolic (1 would specialise)."""
+    up to :func:`size_multiple`. The batch is any (a dynamic export traces batch 1 as 2)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     if size is not None:
