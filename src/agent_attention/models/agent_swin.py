@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .._grids import HW, fx_tracing, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
-from ._model_api import (HierarchicalMixin, check_dynamic_img_size, check_image, check_pool, feature_maps,
+from ._model_api import (FeatureMap, HierarchicalMixin, check_dynamic_img_size, check_image, check_pool,
                          init_kwargs, init_linear_norm, merged_hw, opaque_forward, run_blocks, take_indices, to_nchw)
 from ._resize import resize_agent_bias, resize_pos_embed, resize_rel_pos_table
 from ._safe_load import unwrap_state_dict
@@ -229,6 +229,7 @@ class AgentSwinStage(nn.Module):
                 agent_num=agent_num))
         self.blocks = nn.ModuleList(blocks)
         self.downsample = PatchMerging(dim=dim, norm_layer=norm_layer) if downsample else None
+        self.feature_map = FeatureMap()  # the FX tap of the stage's map, before the merge (no parameters)
 
     def set_downstream_windows(self) -> int:
         """Shift every odd window block (official downstream Swin); returns how many changed."""
@@ -242,6 +243,8 @@ class AgentSwinStage(nn.Module):
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
         x = self.forward_blocks(x, hw)
+        if fx_tracing():  # FX: the stage's map (feature_info "module"), which the merge below replaces
+            self.feature_map(x, hw)
         return x if self.downsample is None else self.downsample(x, hw)
 
 
@@ -303,12 +306,11 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])], norm_layer=norm_layer, downsample=i < n - 1))
             # module: the FX tap of the stage's map (before its merge); stage: the module holding its blocks
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"feature_maps.{i}",
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}.feature_map",
                                           stage=f"layers.{i}"))
             res = merged_hw(res)
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_maps = feature_maps(n)
         self.apply(init_linear_norm)
         if use_checkpoint:
             self.set_grad_checkpointing(True)
@@ -367,6 +369,15 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final-normed features ``(B, H/32, W/32, C)`` (NHWC, like timm's Swin)."""
+        x, hw = self._embed(x)
+        for layer in self.layers:
+            x = layer(x, hw)
+            hw = layer.output_hw(hw)
+        x = self.norm(x)
+        return x.view(x.shape[0], hw[0], hw[1], -1)
 
     def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
         """Per stage: the previous stage's closing merge (``None`` for the first) and its blocks."""
