@@ -8,18 +8,19 @@ from agent_attention.models.export import export_onnx, export_program, min_size,
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# tiny configs of each family (one block per stage)
+# tiny configs of each family with the released geometry: global agent blocks (their DWC on the
+# whole map, batch-sized), shifted window blocks padded at the test sizes (Swin stage 2), two-branch
+# stripes padded at the test sizes (CSWin stage 3)
 TINY = {
     "agent_deit_tiny": dict(embed_dim=32, depth=2, num_heads=2, img_size=64, patch_size=16, agent_num=4, num_classes=7),
     "agent_pvt_tiny": dict(img_size=64, embed_dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4], depths=[1, 1, 1, 1],
                            mlp_ratios=[2, 2, 2, 2], agent_num=[4, 9, 4, 4], num_classes=7),
     "agent_cswin_tiny": dict(img_size=64, embed_dim=16, depth=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
-                             agent_num=[4, 9, 4, 4], split_size=(1, 2, 7, 7), num_classes=7),
-    # agent blocks in stages 1-2, window blocks (shifted, padded at 160 px) in stages 3-4; window 2 keeps it tiny
-    "agent_swin_tiny": dict(img_size=64, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=2,
-                            agent_num=[4, 9, 4, 4], attn_type="AABB", num_classes=7),
+                             agent_num=[4, 9, 4, 4], split_size=(1, 2, 3, 7), num_classes=7),
+    "agent_swin_tiny": dict(img_size=64, embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4),
+                            agent_num=[4, 9, 4, 4], attn_type="ABBB", num_classes=7),
 }
-SIZES = [(1, 128, 64), (3, 96, 160)]  # batch, H, W: neither is the example's (2, 64, 96)
+SIZES = [(1, 128, 64), (3, 96, 160)]  # batch, H, W: batch 1 and 3, two non-square sizes, neither the example's (2, 64, 96)
 
 
 def _model(name):
@@ -80,3 +81,45 @@ def test_export_command_pt2_verifies(tmp_path, capsys):
                  "--output", str(out), "--verify"]) == 0
     assert out.is_file() and "max |export - eager|" in capsys.readouterr().out
     assert main(["export", "--model", "agent_pvt_x"]) == 2
+
+
+def _kw(name):
+    import json
+
+    return json.dumps({k: v for k, v in TINY[name].items() if k != "num_classes"})
+
+
+def test_export_command_batch_1_swin(tmp_path, capsys):
+    # a batch-1 example still gives a dynamic-batch program (traced at batch 2), verified at batch 1 and 3
+    from agent_attention.cli import main
+
+    out = tmp_path / "swin.pt2"
+    assert main(["export", "--model", "agent_swin_t", "--format", "pt2", "--model-kwargs", _kw("agent_swin_tiny"),
+                 "--size", "64", "96", "--batch", "1", "--output", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "verify (1, 3, 96, 96)" in text and "verify (3, 3, 64, 128)" in text
+    prog = torch.export.load(str(out)).module()
+    assert prog(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_export_command_writes_no_file_that_fails_verification(tmp_path, capsys, monkeypatch):
+    from agent_attention.cli import main
+    from agent_attention.commands import export as cmd
+
+    monkeypatch.setattr(cmd, "_verify", lambda *a, **k: 0.5)  # an export that differs from eager
+    out = tmp_path / "pvt.pt2"
+    assert main(["export", "--model", "agent_pvt_t", "--format", "pt2", "--model-kwargs", _kw("agent_pvt_tiny"),
+                 "--size", "64", "--output", str(out), "--verify"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "verification failed" in err and "0.5" in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temp file
+
+
+def test_cswin_stripes_have_a_minimum_dynamic_size():
+    # released layout: split 7 in stage 3 (two stripe branches at a stride of 16) -> 112 px, 128 on the 32 px step
+    model = create_model("agent_cswin_t", embed_dim=16, depth=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
+                         agent_num=[4, 9, 4, 4], num_classes=7).eval()
+    assert model.export_min_size() == 112 and min_size(model) == 128
+    assert min_size(_model("agent_cswin_tiny")) == 64
+    with pytest.raises(ValueError, match="at least 128x128"):
+        export_program(model, (2, 3, 96, 128))

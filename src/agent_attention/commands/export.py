@@ -4,8 +4,9 @@
     agent-attention export --model agent_pvt_t --format pt2 --checkpoint run/best.pth --verify
 
 Batch, height and width are dynamic (H, W multiples of the model's coarsest stride; ``--static``
-exports the example size only). ``--verify`` runs the export (onnxruntime for ONNX) at two other
-sizes and compares with the eager model (max abs difference, must be <= 1e-4).
+exports the example size only). ``--verify`` runs the export (onnxruntime for ONNX) at batch 1 and
+3 and two other sizes and compares with the eager model (max abs difference, must be <= 1e-4); a
+file that fails it is not written.
 """
 from __future__ import annotations
 
@@ -28,11 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
     p.add_argument("--static", action="store_true", help="fixed shapes: the example's only")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--verify", action="store_true", help="compare the export with eager at two other sizes")
+    p.add_argument("--verify", action="store_true", help="compare the export with eager at batch 1 and 3 and two other sizes; nothing is written if it fails")
     return p
 
 
+class VerifyError(RuntimeError):
+    """The export does not reproduce the eager model (raised by :func:`_verify`)."""
+
+
 def _verify(model, path: str, fmt: str, example, dynamic: bool) -> float:
+    """Run the export at batch 1 and 3 and two other (non-square) sizes (dynamic) or at the example's
+    shape (static) against eager; returns the worst max abs difference, :class:`VerifyError` if a
+    shape does not run."""
     import torch
 
     from ..models.export import example_input, size_multiple
@@ -53,16 +61,31 @@ def _verify(model, path: str, fmt: str, example, dynamic: bool) -> float:
     for bs, hh, ww in shapes:
         x = example_input(model, (hh, ww), batch=bs)
         with torch.no_grad():
-            diff = (run(x).float() - model(x).float()).abs().max().item()
+            try:
+                got = run(x)
+            except Exception as e:  # a guard of the program, an onnxruntime shape error ...
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise VerifyError(f"the export does not run at {tuple(x.shape)}: {first}") from None
+            diff = (got.float() - model(x).float()).abs().max().item()
         print(f"  verify {tuple(x.shape)}: max |export - eager| = {diff:.3g}")
         worst = max(worst, diff)
     return worst
 
 
+def _export_to(model, path, fmt: str, example, dynamic: bool, opset: Optional[int]) -> None:
+    from ..models.export import export_onnx, save_program
+
+    if fmt == "onnx":
+        export_onnx(model, path, example, dynamic=dynamic, opset=opset)
+    else:
+        save_program(model, path, example, dynamic=dynamic)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .._atomic import atomic_path
     from ..models import create_model
-    from ..models.export import _args, export_onnx, save_program
+    from ..models.export import _args
 
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if not isinstance(kwargs, dict):
@@ -70,6 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
+    if args.batch < 1:
+        print(f"agent-attention export: --batch must be >= 1, got {args.batch}", file=sys.stderr)
+        return 2
+    out = args.output or f"{args.model}.{args.format}"
+    dynamic = not args.static
     try:
         from ._weights import cli_weights_hint
 
@@ -80,22 +108,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         example = _args(model, (args.batch, 3, *size) if size else None)[0]
         if size is None and args.batch != example.shape[0]:
             example = _args(model, (args.batch, 3, *example.shape[-2:]))[0]
-        out = args.output or f"{args.model}.{args.format}"
-        dynamic = not args.static
-        if args.format == "onnx":
-            export_onnx(model, out, example, dynamic=dynamic, opset=args.opset)
-        else:
-            save_program(model, out, example, dynamic=dynamic)
+        # written to a temp file next to the output, verified there, then renamed: a file that
+        # failed verification never takes the output's name
+        with atomic_path(out) as tmp:
+            _export_to(model, tmp, args.format, example, dynamic, args.opset)
+            if args.verify:
+                worst = _verify(model, str(tmp), args.format, example, dynamic)
+                if worst > 1e-4:
+                    raise VerifyError(f"export differs from eager by {worst:.3g} (> 1e-4)")
+    except VerifyError as e:
+        print(f"agent-attention export: verification failed, nothing written to {out}: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"agent-attention export: {e}", file=sys.stderr)
         return 2
     kind = "dynamic batch and HxW" if dynamic else f"fixed shape {tuple(example.shape)}"
-    print(f"exported {args.model} ({kind}) to {out}")
-    if args.verify:
-        worst = _verify(model, out, args.format, example, dynamic)
-        if worst > 1e-4:
-            print(f"agent-attention export: export differs from eager by {worst:.3g} (> 1e-4)", file=sys.stderr)
-            return 1
+    print(f"exported {args.model} ({kind}) to {out}" + (" (verified)" if args.verify else ""))
     return 0
 
 

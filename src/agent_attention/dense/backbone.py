@@ -5,7 +5,7 @@ with ``forward_intermediates``) as a feature extractor with the official downstr
 (spec §6.1), which each model declares itself:
 
 * **agent shapes per stage** for dense inputs: every :class:`~agent_attention.layers.AgentAttention`
-  of stage ``i`` (the module ``feature_info[i]["module"]``) pools its agents to ``agent_shapes[i]``
+  of stage ``i`` (the module ``feature_info[i]["stage"]``) pools its agents to ``agent_shapes[i]``
   (``"official"``: the model's ``downstream_agent_shapes``); the agent biases keep their
   classification shapes and are resized at run time, so ImageNet checkpoints load unchanged;
 * **the model's downstream window rule** (``set_downstream_windows()``; Swin: every window block
@@ -84,14 +84,15 @@ def parse_agent_shapes(spec: AgentShapesSpec, official=None, num_stages: int = 4
 
 def agent_modules_by_stage(model: nn.Module) -> List[Tuple[int, str, AgentAttentionCore]]:
     """``(stage, name, module)`` of every 2-D agent-attention module, the stage ``i`` being the module
-    ``feature_info[i]["module"]`` that holds it (stages pruned away are skipped)."""
+    ``feature_info[i]["stage"]`` (else ``["module"]``) that holds it (stages pruned away are skipped)."""
     out, seen = [], set()
     for i, info in enumerate(getattr(model, "feature_info", None) or []):
+        name = info.get("stage", info["module"])
         try:
-            stage = model.get_submodule(info["module"])
+            stage = model.get_submodule(name)
         except AttributeError:
             continue  # pruned (features_only / FeatureGetterNet)
-        for n, m in stage.named_modules(prefix=info["module"]):
+        for n, m in stage.named_modules(prefix=name):
             if isinstance(m, AgentAttentionCore) and m.ndim == 2 and id(m) not in seen:
                 seen.add(id(m))
                 out.append((i, n, m))

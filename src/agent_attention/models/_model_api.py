@@ -11,14 +11,15 @@ from __future__ import annotations
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.models import register_notrace_function
+from timm.models import register_notrace_function, register_notrace_module
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._grids import HW
+from .._grids import HW, fx_tracing
 
 __all__ = ["take_indices", "check_output_fmt", "merged_hw", "to_nchw", "check_image", "run_blocks", "init_linear_norm",
-           "check_pool", "ClassifierMixin", "HierarchicalMixin"]
+           "check_pool", "check_dynamic_img_size", "init_kwargs", "opaque_forward", "FeatureMap", "feature_maps",
+           "ClassifierMixin", "HierarchicalMixin"]
 
 
 def take_indices(num: int, indices) -> Tuple[List[int], int]:
@@ -58,6 +59,38 @@ def check_image(x: Tensor, in_chans: int, name: str, min_size: int = 1) -> None:
         raise ValueError(f"{name}: input size {tuple(x.shape[2:])} too small: needs at least {min_size}x{min_size}")
 
 
+def opaque_forward(module: nn.Module, *args):
+    """``module.forward_impl(*args)``. A family file wraps this function for ``torch.fx``
+    (``torch.fx.wrap("opaque_forward")``) and calls it from the ``forward`` of a block whose Python
+    follows the map size (window geometry, padding), so that any FX tracer, torchvision's included,
+    records the block as one call (timm's tracer already keeps it a leaf module)."""
+    return module.forward_impl(*args)
+
+
+@register_notrace_module  # FX: a leaf for timm's tracer (torchvision's traces its reshape)
+class FeatureMap(nn.Module):
+    """A stage's tokens ``(B, P + H·W, C)`` as the map ``(B, C, H, W)`` (``P`` prefix tokens dropped).
+
+    The FX feature taps: ``feature_info[i]["module"]`` names the ``FeatureMap`` of stage ``i``, which
+    the model calls while FX traces it (and, where the forward needs the map anyway, always), so that
+    ``features_only=True, feature_cls="fx"`` and torchvision's ``create_feature_extractor`` return
+    the NCHW maps of ``forward_intermediates``. No parameters: the state dict is unchanged."""
+
+    def __init__(self, num_prefix_tokens: int = 0, contiguous: bool = True):
+        super().__init__()
+        self.num_prefix_tokens, self.contiguous = num_prefix_tokens, contiguous
+
+    def forward(self, x: Tensor, hw: HW) -> Tensor:
+        if self.num_prefix_tokens:
+            x = x[:, self.num_prefix_tokens:]
+        return to_nchw(x, hw, self.contiguous)
+
+
+def feature_maps(n: int, **kwargs) -> nn.ModuleList:
+    """``n`` :class:`FeatureMap` taps (the ``feature_maps`` of a model)."""
+    return nn.ModuleList(FeatureMap(**kwargs) for _ in range(n))
+
+
 def run_blocks(blocks: Iterable[nn.Module], x: Tensor, hw: HW, checkpointing: bool = False) -> Tensor:
     """``x = blk(x, hw)`` for each block, through activation checkpointing when ``checkpointing`` is
     set and gradients are being recorded."""
@@ -85,6 +118,25 @@ def check_pool(global_pool: str, allowed: Sequence[str] = ("avg", "")) -> str:
     if global_pool not in allowed:
         raise ValueError(f"global_pool must be {' or '.join(map(repr, allowed))}, got {global_pool!r}")
     return global_pool
+
+
+def check_dynamic_img_size(dynamic_img_size: bool, name: str) -> bool:
+    """timm's ``dynamic_img_size``: the families always run at any input size (position embeddings
+    and agent biases follow the actual grid), so only ``True`` is accepted."""
+    if dynamic_img_size is not True:
+        raise ValueError(f"{name} always runs at any input size (positions and biases follow the actual grid); "
+                         f"dynamic_img_size must be True, got {dynamic_img_size!r}")
+    return True
+
+
+def init_kwargs(frame_locals: dict) -> dict:
+    """The constructor arguments, from ``locals()`` taken first thing in ``__init__`` (for
+    :meth:`ClassifierMixin.set_input_size`)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
+#: ``Module.__dict__`` entries :meth:`ClassifierMixin.set_input_size` takes from the rebuilt model
+_REBUILT = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
 class ClassifierMixin:
@@ -119,11 +171,63 @@ class ClassifierMixin:
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    #: whether a classifier can take the unpooled features (``global_pool=''``): token / NHWC
+    #: features can (per-position logits, as timm's Swin), NCHW maps cannot
+    unpooled_classifier: bool = True
+
+    def check_head(self, num_classes: int, global_pool: str) -> None:
+        """ValueError for a classifier on unpooled NCHW features (timm refuses it too)."""
+        if global_pool == "" and num_classes > 0 and not self.unpooled_classifier:
+            raise ValueError(f"{type(self).__name__}: global_pool='' (no pooling) needs num_classes=0: "
+                             "a linear classifier cannot take its unpooled NCHW feature maps")
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            self.global_pool = check_pool(global_pool, self.global_pools)
+            self.check_head(num_classes, check_pool(global_pool, self.global_pools))
+            self.global_pool = global_pool
+        else:
+            self.check_head(num_classes, self.global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def resized_state_dict(self, target: nn.Module) -> dict:
+        """This model's weights for ``target``, a model of the same family built for another input
+        size (the family's checkpoint filter resizes the learned grids)."""
+        raise NotImplementedError
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size=None, **kwargs) -> None:
+        """timm's ``set_input_size``: rebuild the construction-size geometry (position embeddings,
+        agent bias tables, windows / stripes) for ``img_size``, keeping the learned weights (resized
+        as for a checkpoint of another size), device, dtype, mode, pretrained cfg and hooks. The
+        model runs at any size either way; the construction size is where no resize happens (the
+        official outputs). Only ``img_size`` can be changed; new parameter objects are made, so
+        build the optimizer after calling it."""
+        if kwargs:
+            raise ValueError(f"{type(self).__name__}.set_input_size: only img_size can be changed, got {sorted(kwargs)}")
+        if img_size is None:
+            return
+        init = getattr(self, "init_kwargs", None)
+        if init is None:  # pragma: no cover - every family records it
+            raise ValueError(f"{type(self).__name__}.set_input_size: the constructor arguments were not recorded")
+        ref = next(self.parameters())
+        with torch.random.fork_rng(devices=[]):  # the rebuild's random init leaves the caller's RNG alone
+            fresh = type(self)(**{**init, "img_size": img_size, "num_classes": self.num_classes,
+                                  "global_pool": self.global_pool})
+        try:
+            fresh.load_state_dict(self.resized_state_dict(fresh))
+        except RuntimeError as e:
+            raise ValueError(f"{type(self).__name__}.set_input_size: the model was changed after it was built "
+                             f"(pruned?): {str(e).splitlines()[0]}") from None
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        checkpointing = self.grad_checkpointing
+        fresh.to(device=ref.device, dtype=ref.dtype).train(self.training)
+        for n, p in fresh.named_parameters():
+            p.requires_grad_(n not in frozen)
+        for k, v in fresh.__dict__.items():  # geometry attributes and the rebuilt modules; hooks stay
+            if k in _REBUILT or not k.startswith("_") and k != "training":
+                self.__dict__[k] = v
+        self.set_grad_checkpointing(checkpointing)
 
 
 class HierarchicalMixin(ClassifierMixin):
@@ -135,6 +239,19 @@ class HierarchicalMixin(ClassifierMixin):
     """
 
     norm: nn.Module
+    feature_maps: nn.ModuleList
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final-normed features ``(B, H/32, W/32, C)`` (NHWC, like timm's Swin)."""
+        x, hw = self._embed(x)
+        for i, (merge, run) in enumerate(self._merge_stage_pairs()):
+            if merge is not None:
+                x, hw = merge(x, hw), merge.output_hw(hw)
+            x = run(x, hw)
+            if fx_tracing():  # the FX feature tap of this stage (feature_info[i]["module"])
+                self.feature_maps[i](x, hw)
+        x = self.norm(x)
+        return x.view(x.shape[0], hw[0], hw[1], -1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """NHWC features -> pooled features (``pre_logits``) or logits."""

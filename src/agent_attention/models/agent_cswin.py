@@ -20,14 +20,19 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from torch import Tensor, nn
 
-from .._grids import HW, _channels_last_grid, round_up
+from .._grids import HW, _channels_last_grid, fx_tracing, round_up
 from ..layers import AgentAttentionCore, to_2tuple_hw
 from ..weights import unwrap_state_dict
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
-from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
+from ._model_api import (HierarchicalMixin, check_dynamic_img_size, check_image, check_pool, feature_maps,
+                         init_kwargs, init_linear_norm, merged_hw, opaque_forward, run_blocks, take_indices, to_nchw)
 from ._resize import resize_agent_bias
 from ._windows import known_true, pad_to, same_size, window_padding_mask, window_partition, window_reverse
 from .registry import build, default_cfg, register_family
+
+# any FX tracer (torchvision's create_feature_extractor too): these calls of this file are graph leaves
+for _name in ("check_image", "opaque_forward"):
+    torch.fx.wrap(_name)
 
 __all__ = ["AgentCSWinTransformer", "LePEAttention", "CSWinAgentAttention", "CSWinBlock", "checkpoint_filter_fn"]
 
@@ -162,6 +167,11 @@ class CSWinBlock(nn.Module):
         self.norm2 = norm_layer(dim)
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
+        if fx_tracing():  # any FX tracer: one opaque call (the stripes follow the map size)
+            return opaque_forward(self, x, hw)
+        return self.forward_impl(x, hw)
+
+    def forward_impl(self, x: Tensor, hw: HW) -> Tensor:
         B, L, C = x.shape
         if L != hw[0] * hw[1]:
             raise ValueError(f"CSWinBlock: {L} tokens do not match the map size {hw[0]}x{hw[1]}")
@@ -212,8 +222,11 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
                  num_heads=(2, 4, 8, 16), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, hybrid_backbone=None, norm_layer=None, use_chk: bool = False,
-                 agent_num=(9, 16, 49, 49), attn_type: str = "AABB", depths: Optional[Sequence[int]] = None):
+                 agent_num=(9, 16, 49, 49), attn_type: str = "AABB", depths: Optional[Sequence[int]] = None,
+                 dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-CSWin")
         if hybrid_backbone is not None:
             raise ValueError("AgentCSWinTransformer: hybrid_backbone is not supported")
         norm_layer = resolve_norm_layer(norm_layer)
@@ -250,10 +263,13 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
                                  agent=plan[i][j], agent_num=agent_nums[i])
                       for j in range(depth[i])]
             self.add_module(f"stage{i + 1}", nn.ModuleList(blocks))
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stage{i + 1}"))
+            # module: the FX tap of the stage's map; stage: the module holding its blocks
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"feature_maps.{i}",
+                                          stage=f"stage{i + 1}"))
         self.num_stages = n
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_maps = feature_maps(n)
         self.apply(init_linear_norm)
 
     # ------------------------------------------------------------------ timm API
@@ -268,6 +284,9 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
             return dict(stem=r"^stage1_conv_embed", blocks=[(r"^stage(\d+)", None), (r"^merge(\d+)", None)])
         return dict(stem=r"^stage1_conv_embed",
                     blocks=[(r"^stage(\d+)\.(\d+)", None), (r"^merge(\d+)", (99999,)), (r"^norm", (99999,))])
+
+    def resized_state_dict(self, target: "AgentCSWinTransformer") -> Dict[str, Tensor]:
+        return checkpoint_filter_fn(self.state_dict(), target)
 
     export_size_oblivious = True  # see models.export: stripes are padded at some sizes and not at others
 
@@ -303,16 +322,6 @@ class AgentCSWinTransformer(HierarchicalMixin, nn.Module):
     def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
         """Per stage: its opening merge (``None`` for the first) and its blocks."""
         return [(merge, partial(self._run_blocks, blocks)) for merge, blocks in self._stages()]
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Final-normed features ``(B, H/32, W/32, C)`` (NHWC)."""
-        x, hw = self._embed(x)
-        for merge, blocks in self._stages():
-            if merge is not None:
-                x, hw = merge(x, hw), merge.output_hw(hw)
-            x = self._run_blocks(blocks, x, hw)
-        x = self.norm(x)
-        return x.view(x.shape[0], hw[0], hw[1], -1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -18,12 +18,12 @@ from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from torch import Tensor, nn
 
-from .._grids import HW
+from .._grids import HW, fx_tracing
 from ..layers import AgentAttention, to_2tuple_hw
 from ..weights import unwrap_state_dict
 from ._config import AgentNum, parse_agent_num
-from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, init_linear_norm, run_blocks,
-                         take_indices, to_nchw)
+from ._model_api import (ClassifierMixin, check_dynamic_img_size, check_image, check_output_fmt, check_pool,
+                         feature_maps, init_kwargs, init_linear_norm, run_blocks, take_indices, to_nchw)
 from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
 from .registry import build, default_cfg, register_family
 
@@ -31,6 +31,10 @@ __all__ = [
     "AgentVisionTransformer", "checkpoint_filter_fn", "parse_agent_num", "deit_agent_num",
     "unwrap_state_dict", "resize_pos_embed", "resize_agent_bias_tables", "infer_square_grid",
 ]
+
+# any FX tracer (torchvision's create_feature_extractor too): these calls of this file are graph leaves
+for _name in ("check_image", "check_patch_multiple", "resize_pos_embed"):
+    torch.fx.wrap(_name)
 
 # official rule: block i uses agent_num[_PAIR_TO_ENTRY[i // 2]] (blocks 0-1 -> 0, 2-3 -> 1, 4-9 -> 2, 10-11 -> 3)
 _PAIR_TO_ENTRY = {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3}
@@ -116,8 +120,10 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, agent_num: AgentNum = 49,
-                 agent_layer: Optional[int] = -1, norm_eps: float = 1e-6):
+                 agent_layer: Optional[int] = -1, norm_eps: float = 1e-6, dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-DeiT")
         check_pool(global_pool, self.global_pools)
         if depth <= 0 or embed_dim <= 0 or embed_dim % num_heads:
             raise ValueError(f"invalid depth {depth} / embed_dim {embed_dim} / num_heads {num_heads}")
@@ -149,7 +155,10 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        # module: the FX tap of the block's map (patch tokens as NCHW); stage: the block
+        self.feature_info = [dict(module=f"feature_maps.{i}", num_chs=embed_dim, reduction=patch_size,
+                                  stage=f"blocks.{i}") for i in range(depth)]
+        self.feature_maps = feature_maps(depth, num_prefix_tokens=1)
         self._init_weights()
 
     # ----------------------------------------------------------------------------- init / timm API
@@ -170,6 +179,11 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
+    def resized_state_dict(self, target: "AgentVisionTransformer") -> Dict[str, Tensor]:
+        sd = self.state_dict()
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], self.grid, target.grid, num_prefix=1, mode="bicubic")
+        return checkpoint_filter_fn(sd, target)
+
     # ------------------------------------------------------------------------------------- forward
     def grid_size(self, img_hw: Sequence[int]) -> HW:
         """Token grid for an input of size ``img_hw``; ValueError unless a multiple of the patch."""
@@ -187,6 +201,11 @@ class AgentVisionTransformer(ClassifierMixin, nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens ``(B, 1 + H·W, C)`` (class token first)."""
         x, hw = self._embed(x)
+        if fx_tracing():  # block by block, with the FX feature tap of each (feature_info[i]["module"])
+            for blk, tap in zip(self.blocks, self.feature_maps):
+                x = blk(x, hw)
+                tap(x, hw)
+            return self.norm(x)
         return self.norm(run_blocks(self.blocks, x, hw, self.grad_checkpointing))
 
     def forward(self, x: Tensor) -> Tensor:

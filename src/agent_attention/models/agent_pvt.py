@@ -24,12 +24,16 @@ from .._grids import HW
 from ..layers import AgentAttention, to_2tuple_hw
 from ..weights import unwrap_state_dict
 from ._config import AgentNum, parse_agent_num, per_stage
-from ._model_api import (ClassifierMixin, check_image, check_output_fmt, check_pool, init_linear_norm, run_blocks,
-                         take_indices, to_nchw)
+from ._model_api import (ClassifierMixin, check_dynamic_img_size, check_image, check_output_fmt, check_pool,
+                         feature_maps, init_kwargs, init_linear_norm, run_blocks, take_indices, to_nchw)
 from ._resize import infer_square_grid, resize_agent_bias_tables, resize_pos_embed
 from .registry import build, default_cfg, register_family
 
 __all__ = ["AgentPyramidVisionTransformer", "SRAttention", "checkpoint_filter_fn"]
+
+# any FX tracer (torchvision's create_feature_extractor too): these calls of this file are graph leaves
+for _name in ("check_image", "check_sr_grid", "resize_pos_embed"):
+    torch.fx.wrap(_name)
 
 
 class PatchEmbed(nn.Module):
@@ -128,6 +132,7 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
 
     #: official downstream agent grids (``downstream_agent_shapes`` of the mmdet / mmseg configs)
     downstream_agent_shapes = ((12, 12), (16, 16), (28, 28), (28, 28))
+    unpooled_classifier = False  # NCHW features: global_pool='' needs num_classes=0
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "avg",
@@ -136,12 +141,15 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  depths: Sequence[int] = (2, 2, 2, 2), sr_ratios: Sequence[int] = (8, 4, 2, 1),
                  agent_sr_ratios: Union[str, Sequence[int]] = "1111", num_stages: int = 4,
-                 agent_num: AgentNum = (9, 16, 49, 49), attn_type: Optional[str] = "AAAA", norm_eps: float = 1e-6):
+                 agent_num: AgentNum = (9, 16, 49, 49), attn_type: Optional[str] = "AAAA", norm_eps: float = 1e-6,
+                 dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-PVT")
         S = num_stages
         if S < 1:
             raise ValueError(f"num_stages must be >= 1, got {S}")
-        check_pool(global_pool, self.global_pools)
+        self.check_head(num_classes, check_pool(global_pool, self.global_pools))
         stages = dict(truncate=True)  # the official model takes the first num_stages entries
         embed_dims = per_stage(embed_dims, S, "embed_dims", **stages)
         num_heads = per_stage(num_heads, S, "num_heads", **stages)
@@ -192,9 +200,12 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
             ))
             cur += depths[i]
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        # module: the stage's map (the FX tap, on the forward path); stage: the module holding its blocks
         self.feature_info = [
-            dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"block{i + 1}") for i in range(S)
+            dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f"feature_maps.{i}", stage=f"block{i + 1}")
+            for i in range(S)
         ]
+        self.feature_maps = feature_maps(S, contiguous=False)
         self._init_weights()
 
     # ----------------------------------------------------------------------------- init / timm API
@@ -217,6 +228,13 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
             (r"^(?:patch_embed|pos_embed)(\d+)", (-1,)), (r"^block(\d+)\.(\d+)", None)]
         return dict(stem=r"^(?:patch_embed|pos_embed)1\b", blocks=blocks)
 
+    def resized_state_dict(self, target: "AgentPyramidVisionTransformer") -> Dict[str, Tensor]:
+        sd = self.state_dict()
+        for i in range(self.num_stages):
+            key = f"pos_embed{i + 1}"
+            sd[key] = resize_pos_embed(sd[key], self.grids[i], target.grids[i], 0, mode="bilinear")
+        return checkpoint_filter_fn(sd, target)
+
     # ------------------------------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
         check_image(x, self.in_chans, "Agent-PVT", min_size=self.patch_size * 2 ** (self.num_stages - 1))
@@ -232,7 +250,7 @@ class AgentPyramidVisionTransformer(ClassifierMixin, nn.Module):
         """Last-stage map ``(B, C, H/32, W/32)``."""
         self._check_input(x)
         for i in range(self.num_stages):
-            x = to_nchw(*self._stage(i, x), contiguous=False)
+            x = self.feature_maps[i](*self._stage(i, x))
         return x
 
     def forward(self, x: Tensor) -> Tensor:

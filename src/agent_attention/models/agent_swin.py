@@ -21,12 +21,13 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model, register_notrace_function, register_notrace_module
 from torch import Tensor, nn
 
-from .._grids import HW, round_up
+from .._grids import HW, fx_tracing, round_up
 from ..layers import AgentAttention, to_2tuple_hw
 from ..weights import unwrap_state_dict
 from ._config import parse_attn_type, parse_int_list, resolve_norm_layer
-from ._model_api import HierarchicalMixin, check_image, check_pool, init_linear_norm, merged_hw, run_blocks, take_indices, to_nchw
-from ._resize import resize_agent_bias, resize_rel_pos_table
+from ._model_api import (FeatureMap, HierarchicalMixin, check_dynamic_img_size, check_image, check_pool,
+                         init_kwargs, init_linear_norm, merged_hw, opaque_forward, run_blocks, take_indices, to_nchw)
+from ._resize import resize_agent_bias, resize_pos_embed, resize_rel_pos_table
 from ._windows import (WindowAttention, known_true, pad_to, relative_position_index, same_size, shifted_window_mask,
                        window_padding_mask, window_partition, window_reverse)
 from .registry import build, default_cfg, register_family
@@ -35,6 +36,9 @@ __all__ = ["AgentSwinTransformer", "WindowAttention", "AgentSwinBlock", "PatchMe
            "relative_position_index", "shifted_window_mask"]
 
 _GEOMETRY_BUFFERS = ("relative_position_index", "attn_mask")
+# any FX tracer (torchvision's create_feature_extractor too): these calls of this file are graph leaves
+for _name in ("check_image", "opaque_forward", "pad_to", "pad_to_multiple", "absolute_pos_embed"):
+    torch.fx.wrap(_name)
 
 
 @register_notrace_module  # FX: a leaf (window geometry, padding and masks follow the actual map size)
@@ -149,6 +153,11 @@ class AgentSwinBlock(nn.Module):
         return x[:, :H, :W].clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
+        if fx_tracing():  # any FX tracer: one opaque call (the geometry follows the map size)
+            return opaque_forward(self, x, hw)
+        return self.forward_impl(x, hw)
+
+    def forward_impl(self, x: Tensor, hw: HW) -> Tensor:
         H, W = hw
         B, L, C = x.shape
         if L != H * W:
@@ -234,6 +243,7 @@ class AgentSwinStage(nn.Module):
                 agent_num=agent_num))
         self.blocks = nn.ModuleList(blocks)
         self.downsample = PatchMerging(dim=dim, norm_layer=norm_layer) if downsample else None
+        self.feature_map = FeatureMap()  # the FX tap of the stage's map, before the merge (no parameters)
 
     def set_downstream_windows(self) -> int:
         """Official downstream window blocks, odd ones shifted; returns how many started shifting."""
@@ -247,6 +257,8 @@ class AgentSwinStage(nn.Module):
 
     def forward(self, x: Tensor, hw: HW) -> Tensor:
         x = self.forward_blocks(x, hw)
+        if fx_tracing():  # FX: the stage's map (feature_info "module"), which the merge below replaces
+            self.feature_map(x, hw)
         return x if self.downsample is None else self.downsample(x, hw)
 
 
@@ -271,8 +283,11 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
                  window_size: Optional[int] = None, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, norm_layer=None, ape: bool = False, patch_norm: bool = True,
-                 use_checkpoint: bool = False, agent_num=(9, 16, 49, 49), attn_type: str = "AAAB"):
+                 use_checkpoint: bool = False, agent_num=(9, 16, 49, 49), attn_type: str = "AAAB",
+                 dynamic_img_size: bool = True):
         super().__init__()
+        self.init_kwargs = init_kwargs(locals())
+        self.dynamic_img_size = check_dynamic_img_size(dynamic_img_size, "Agent-Swin")
         norm_layer = resolve_norm_layer(norm_layer)
         depths, n = list(depths), len(depths)
         num_heads = parse_int_list(num_heads, n, "num_heads")
@@ -304,7 +319,9 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
                 window=max(7, window_size // 8), agent_flags=plan[i], agent_num=agent_nums[i], mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])], norm_layer=norm_layer, downsample=i < n - 1))
-            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}"))
+            # module: the FX tap of the stage's map (before its merge); stage: the module holding its blocks
+            self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}.feature_map",
+                                          stage=f"layers.{i}"))
             res = merged_hw(res)
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -338,6 +355,13 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
 
     export_size_oblivious = True  # see models.export: window counts per stage may be 1 or more
 
+    def resized_state_dict(self, target: "AgentSwinTransformer") -> Dict[str, Tensor]:
+        sd = self.state_dict()
+        if self.ape:
+            sd["absolute_pos_embed"] = resize_pos_embed(sd["absolute_pos_embed"], self.patches_resolution,
+                                                        target.patches_resolution, 0, mode="bicubic")
+        return checkpoint_filter_fn(sd, target)
+
     def export_min_size(self) -> int:
         """Smallest input side (pixels) of a dynamic-size export: every window block of every stage
         has its full window (and shift) from there up; smaller inputs take another graph (static)."""
@@ -358,6 +382,9 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
             x = x + absolute_pos_embed(self.absolute_pos_embed, self.patches_resolution, hw)
         return self.pos_drop(x), hw
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Final-normed features ``(B, H/32, W/32, C)`` (NHWC, like timm's Swin)."""
         x, hw = self._embed(x)
@@ -366,9 +393,6 @@ class AgentSwinTransformer(HierarchicalMixin, nn.Module):
             hw = layer.output_hw(hw)
         x = self.norm(x)
         return x.view(x.shape[0], hw[0], hw[1], -1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def _merge_stage_pairs(self) -> List[Tuple[Optional[nn.Module], Callable[[Tensor, HW], Tensor]]]:
         """Per stage: the previous stage's closing merge (``None`` for the first) and its blocks."""

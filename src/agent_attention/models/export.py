@@ -37,7 +37,7 @@ def size_multiple(model: nn.Module) -> int:
 
 def example_input(model: nn.Module, size: Optional[Size] = None, batch: int = 2) -> torch.Tensor:
     """A random input ``(batch, C, H, W)``: ``size`` (int or (H, W)) or the cfg's input size, rounded
-    up to :func:`size_multiple`. A batch of 2 keeps the batch dimension symbolic (1 would specialise)."""
+    up to :func:`size_multiple`. The batch is any (a dynamic export traces batch 1 as 2)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     if size is not None:
@@ -90,6 +90,17 @@ def _args(model: nn.Module, example) -> Tuple[torch.Tensor]:
     return (example,)
 
 
+def _trace_args(model: nn.Module, example, dynamic: bool) -> Tuple[torch.Tensor]:
+    """The example to trace: a dynamic export traces a batch of at least 2 (an example of batch 1
+    would fix the batch at 1; the program then runs at any batch, 1 included)."""
+    args = _args(model, example)
+    if dynamic:
+        _check_dynamic_example(model, args)
+        if args[0].shape[0] == 1:
+            args = (args[0].expand(2, *args[0].shape[1:]).contiguous(),)
+    return args
+
+
 def _dynamic_context(model: nn.Module, dynamic: bool):
     """For models that ask for it (``export_size_oblivious = True``: Swin, whose window counts per
     stage are 1 at some sizes and more at others), trace treating every dynamic size as possibly 1
@@ -108,11 +119,9 @@ def _dynamic_context(model: nn.Module, dynamic: bool):
 def export_program(model: nn.Module, example=None, *, dynamic: bool = True, strict: bool = False):
     """``torch.export.export`` of ``model`` (put in eval mode) with dynamic batch and H×W
     (``dynamic=False``: the example's shape only). ``example``: a tensor, ``(B, C, H, W)``, a size
-    or ``None`` (the cfg's input size)."""
+    or ``None`` (the cfg's input size); any batch, 1 included."""
     model = model.eval()
-    args = _args(model, example)
-    if dynamic:
-        _check_dynamic_example(model, args)
+    args = _trace_args(model, example, dynamic)
     shapes = dynamic_shapes(model) if dynamic else None
     with torch.no_grad(), _dynamic_context(model, dynamic):
         return torch.export.export(model, args, dynamic_shapes=shapes, strict=strict)
@@ -135,9 +144,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example=None, *
     """ONNX export through the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with dynamic
     batch and H×W (input ``x``, output ``logits``), saved atomically to ``path``."""
     model = model.eval()
-    args = _args(model, example)
-    if dynamic:
-        _check_dynamic_example(model, args)
+    args = _trace_args(model, example, dynamic)
     shapes = dynamic_shapes(model) if dynamic else None
     extra = {} if opset is None else {"opset_version": opset}
     with torch.no_grad(), _dynamic_context(model, dynamic):
