@@ -122,9 +122,9 @@ def test_bench_op_goal_lines():
 def test_every_bench_option_has_help_without_markup():
     import argparse
 
-    from agent_attention.bench import amp_accuracy, models, op, sd
+    from agent_attention.bench import amp_accuracy, gpu, models, op, sd
 
-    for mod in (op, models, sd, amp_accuracy):
+    for mod in (op, models, sd, amp_accuracy, gpu):
         parser = mod.build_parser()
         for action in parser._actions:
             assert action.help and action.help != argparse.SUPPRESS, (mod.__name__, action.option_strings)

@@ -239,7 +239,7 @@ def test_every_option_has_help_without_rst():
             rst.append(name)
     assert not missing, missing
     assert not rst, rst
-    assert set(SUBCOMMANDS) == {"op", "models", "sd"}
+    assert set(SUBCOMMANDS) == {"op", "models", "sd", "gpu"}
 
 
 def test_eval_json_is_written_atomically(capsys, run_dir, tmp_path):

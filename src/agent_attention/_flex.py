@@ -104,9 +104,10 @@ def _compiled_step():
 
 def flex_runs(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias, query_bias) -> bool:
     """Whether the flex path can run these inputs: torch 2.14 has no FlexAttention backward on the CPU
-    (eager or compiled), so a CPU step that autograd records keeps the op's other paths."""
-    if q.device.type != "cpu":
-        return True
+    (eager or compiled), so a CPU step that autograd records keeps the op's other paths; on CUDA its
+    kernels need a head dim of at least 16."""
+    if q.device.type == "cuda":
+        return q.shape[-1] >= 16  # the Triton kernels need head_dim >= 16
     if any(t.requires_grad for t in (q, k, v, agents)):
         return False
     return not (torch.is_grad_enabled() and any(
