@@ -89,9 +89,14 @@ def _as_config(config: Any, schedule: Any, settings: Dict[str, Any]) -> Tuple[Ag
 def _warn_identity(config: AgentSDConfig) -> None:
     for rule in config.rules:
         s = rule.settings
-        if s is not None and ((s.method == "agentsd" and s.ratio == 0) or (s.method == "todo" and s.todo_factor == 1)):
-            warnings.warn(f"AgentSD: {s.method} with ratio={s.ratio}, todo_factor={s.todo_factor} reduces no token: "
-                          "these layers compute plain attention", RuntimeWarning, stacklevel=3)
+        what = None
+        if s is not None and s.method == "agentsd" and s.ratio == 0:
+            what = "agentsd with ratio=0"
+        elif s is not None and s.method == "todo" and s.todo_factor == 1:
+            what = "todo with todo_factor=1"
+        if what:
+            warnings.warn(f"AgentSD: {what} reduces no token: these layers compute plain attention",
+                          RuntimeWarning, stacklevel=3)
 
 
 def apply_agentsd(pipe_or_model: Any, config: Any = None, *, schedule: Any = None, **settings: Any) -> AgentSDState:
