@@ -29,11 +29,19 @@ class HookHandle:
 
     def __init__(self, module: torch.nn.Module, name: str):
         self.module, self.name = module, name
+        self.wrapper = module.forward  # the registry's wrapper, right after registration
 
     def remove(self) -> None:
-        registry = getattr(self.module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(self.name) is not None:
-            registry.remove_hook(self.name, recurse=False)
+        module = self.module
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None or registry.get_hook(self.name) is None:
+            return
+        current = module.forward
+        registry.remove_hook(self.name, recurse=False)
+        if current is not self.wrapper and getattr(module, "_old_forward", None) is self.wrapper:
+            # accelerate wrapped our wrapper afterwards (enable_model_cpu_offload): the registry just put the
+            # bare forward back over accelerate's; keep accelerate's wrapper and point it at the bare forward
+            module._old_forward, module.forward = module.forward, current
 
 
 def register(module: torch.nn.Module, hook: ModelHook, name: str) -> HookHandle:

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
 
-from .adapters import Adapter, LayerSpec, find_adapter, supported_classes
+from .adapters import Adapter, find_adapter, supported_classes
 from .hooks import BLOCK_HOOK, DENOISER_HOOK, BlockHook, DenoiserHook, register
 from .processor import AgentSDProcessor
 from .schedule import PAPER_LATE, AgentSDConfig, Rule
@@ -149,8 +149,9 @@ def _install(model: nn.Module, adapter: Adapter, config: AgentSDConfig, legacy: 
                 state.processors[spec.name] = ours
         elif ours is not None:
             _restore(state, spec.name, spec.attn)
-    state.layers = dict(used)
+    state.layers, state.all_layers = dict(used), layers
     state.levels = {name: spec.level for name, spec in used.items()}
+    state.known_levels = [spec.level for spec in layers]  # what max_downsample=None resolves against
     blocks = {spec.block for spec in used.values()}
     for block in set(state.block_hooks) - blocks:
         state.block_hooks.pop(block).remove()
@@ -180,14 +181,14 @@ def update_active(model: nn.Module, state: AgentSDState) -> None:
     first = None
     for spec in specs:
         s = state.config.settings_for(state.step, state.num_steps, spec.index, state.num_blocks)
-        if s is not None and not state.adapter.selects(spec, s, specs):
+        if s is not None and not state.adapter.selects(spec, s, state.all_layers):
             s = None
         state.active[spec.name] = s
         first = first or s
     if first is not None:
         state.settings = first
     if hasattr(state.adapter, "max_downsample"):
-        state.max_downsample = state.adapter.max_downsample(state.settings, [s.level for s in specs])
+        state.max_downsample = state.adapter.max_downsample(state.settings, state.known_levels)
 
 
 def _restore(state: AgentSDState, name: str, attn: nn.Module) -> None:

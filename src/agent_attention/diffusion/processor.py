@@ -78,6 +78,8 @@ class AgentSDProcessor:
 
     def _stock(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs) -> Any:
         self.state.calls["stock"] += 1
+        if self._attention_backend is not None and hasattr(self.original, "_attention_backend"):
+            self.original._attention_backend = self._attention_backend  # set_attention_backend reached only us
         if temb is not None:
             kwargs["temb"] = temb
         return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,

@@ -107,12 +107,14 @@ class Rule:
         if self.steps is None:
             return True
         start, stop = self.steps
-        if self.uses_fractions:
+        if self.uses_fractions and step > 0:
             if not num_steps:
                 raise RuntimeError(
                     "AgentSD: a rule gives steps as fractions of the run but the number of steps is unknown; "
                     "patch the pipeline (not the bare model) or set AgentSDConfig(num_inference_steps=...)")
             at = step / num_steps
+        elif self.uses_fractions:
+            at = 0.0  # the first step is at 0 whatever the length of the run
         else:
             at = step
         return at >= start and (stop is None or at < stop)

@@ -63,6 +63,8 @@ class AgentSDState:
     model: Any = None  # weakref.ref to the patched denoiser
     _active_key: Any = None
     num_blocks: int = 0
+    all_layers: list = field(default_factory=list)  # every layer the adapter could patch
+    known_levels: list = field(default_factory=list)
     block_matches: Dict[str, Any] = field(default_factory=dict)
     warned: set = field(default_factory=set)
 

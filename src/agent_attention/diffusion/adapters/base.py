@@ -84,9 +84,10 @@ class Adapter:
         return True
 
     def _bind(self, model: nn.Module, args: tuple, kwargs: dict) -> Dict[str, Any]:
-        sig = self.__dict__.get("_signature")
+        signatures = self.__dict__.setdefault("_signatures", {})  # per class: adapters are shared
+        sig = signatures.get(type(model))
         if sig is None:
-            sig = self.__dict__["_signature"] = inspect.signature(type(model).forward)
+            sig = signatures[type(model)] = inspect.signature(type(model).forward)
         try:
             return sig.bind_partial(model, *args, **kwargs).arguments
         except TypeError:

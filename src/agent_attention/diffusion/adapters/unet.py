@@ -106,7 +106,7 @@ class UNetAdapter(Adapter):
         n = hidden_states.shape[2] * hidden_states.shape[3] if hidden_states.ndim == 4 else hidden_states.shape[1]
         found = latent_grid(n, state.latent_hw)
         settings = state.settings_of(layer.name)
-        levels = [lvl for lvl in state.levels.values()] or [state.max_downsample]
+        levels = state.known_levels or [state.max_downsample]  # (a bare processor: its state's value)
         if found is None or found[0] > self.max_downsample(settings, levels):
             return None
         if attn.spatial_norm is not None:  # (never in a BasicTransformerBlock: it needs temb)
