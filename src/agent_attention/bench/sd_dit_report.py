@@ -121,8 +121,12 @@ def plot(runs: Sequence[dict], path: Path) -> Path:
     ax.set_ylabel("speed-up over SDPA (wall; block: the slowest kind)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    machines = sorted({common.machine_line(run["machine"], wrap=True) for run in runs if run.get("machine")})
-    fig.suptitle("AgentSD on DiTs (reduced models, released widths); dotted: goals 2×, 3×, 5×\n" + "; ".join(machines), fontsize=8)
+    infos = [run["machine"] for run in runs if run.get("machine")]
+    cpus = sorted({common.machine_line(i).split(";")[0] for i in infos})
+    loads = [i["load_avg_1min"] for i in infos if "load_avg_1min" in i]
+    load = f"; load average {min(loads):g}-{max(loads):g} at the starts" if loads else ""
+    fig.suptitle("AgentSD on DiTs (reduced models, released widths); dotted: goals 2×, 3×, 5×\n" + "; ".join(cpus) + load,
+                 fontsize=8)
     return common.save_figure(fig, path)
 
 
