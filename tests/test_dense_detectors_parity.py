@@ -48,7 +48,7 @@ def match_rows(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert d.min(dim=1).values.max().item() <= tol
 
 
-def test_cfg_of(case: str) -> dict:
+def cfg_of_case(case: str) -> dict:
     """The manifest's ``test_cfg_used`` in this project's names."""
     tc = case_manifest(case)["test_cfg_used"]
     if "rcnn" not in tc:
@@ -68,7 +68,7 @@ def run(request):
     case = request.param
     kind, backbone = CASES[case]
     torch.manual_seed(0)
-    model = build_detector(kind, backbone, 80, test_cfg=test_cfg_of(case)).eval()
+    model = build_detector(kind, backbone, 80, test_cfg=cfg_of_case(case)).eval()
     model.load_official(filled_state(case), strict=True)  # the official layout, every key
     with recording() as taps:
         out = model.predict(case_input(case))
