@@ -48,7 +48,7 @@ def match_rows(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert d.min(dim=1).values.max().item() <= tol
 
 
-def test_cfg_of(case: str) -> dict:
+def cfg_of_case(case: str) -> dict:
     """The manifest's ``test_cfg_used`` in this project's names."""
     tc = case_manifest(case)["test_cfg_used"]
     if "rcnn" not in tc:
@@ -68,19 +68,15 @@ def run(request):
     case = request.param
     kind, backbone = CASES[case]
     torch.manual_seed(0)
-    model = build_detector(kind, backbone, 80, test_cfg=test_cfg_of(case)).eval()
+    model = build_detector(kind, backbone, 80, test_cfg=cfg_of_case(case)).eval()
     model.load_official(filled_state(case), strict=True)  # the official layout, every key
     with recording() as taps:
         out = model.predict(case_input(case))
-    return case, taps, out[0], case_outputs(case)
+    return case, taps, out[0], case_outputs(case), model
 
 
 def test_official_layout_loads_strictly(run):
-    case, _, _, _ = run
-    kind, backbone = CASES[case]
-    from agent_attention.dense.detectors import build_detector
-
-    model = build_detector(kind, backbone, 80)
+    case, model = run[0], run[4]
     keys = [e["key"] for e in case_manifest(case)["state_dict"]]
     ours = set(model.state_dict())
     assert sorted(model.official_to_ours(k) for k in keys) == sorted(ours)
@@ -117,7 +113,7 @@ def aligned_taps(case: str, taps: dict, outputs: dict) -> dict:
 
 
 def test_every_tap(run):
-    case, taps, _, outputs = run
+    case, taps, _, outputs, _ = run
     taps = aligned_taps(case, taps, outputs)
     stored = case_manifest(case)["stored_outputs"]
     checked = 0
@@ -133,7 +129,7 @@ def test_every_tap(run):
 
 def test_nms_sets(run):
     """Boxes, scores and levels/classes entering NMS, and the kept detections, as sets."""
-    case, taps, _, outputs = run
+    case, taps, _, outputs, _ = run
     for pre in ("rpn.batched_nms.0", "head.batched_nms.0"):
         if pre + ".in.boxes" not in outputs:
             continue
@@ -146,7 +142,7 @@ def test_nms_sets(run):
 def test_final_detections(run):
     """mmdet's ``simple_test`` result (``bbox2result``: grouped by class): boxes, scores, labels, masks,
     rows paired with the reference's (near-tied scores may swap places within a class)."""
-    case, _, out, outputs = run
+    case, _, out, outputs, _ = run
     dets = torch.cat([out["boxes"], out["scores"][:, None]], dim=1)
     ref = outputs["det.bboxes"]
     j = pairing(dets, ref, tol=0.05)
