@@ -48,7 +48,9 @@ def _verify(model, path: str, fmt: str, example, dynamic: bool) -> float:
     m = size_multiple(model)
     h, w = example.shape[-2:]
     b = example.shape[0]
-    shapes = [(1, h + m, w), (3, h, w + 2 * m)] if dynamic else [(b, h, w)]
+    h1 = h + m if h + m != w else h + 2 * m  # two non-square sizes other than the example's
+    w2 = w + 2 * m if w + 2 * m != h else w + m
+    shapes = [(1, h1, w), (3, h, w2)] if dynamic else [(b, h, w)]
     if fmt == "onnx":
         import onnxruntime as ort
 
