@@ -57,7 +57,10 @@ def _verify(model, path: str, fmt: str, example, dynamic: bool) -> float:
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         run = lambda x: torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])  # noqa: E731
     else:
-        prog = torch.export.load(path).module()
+        import io
+        from pathlib import Path
+
+        prog = torch.export.load(io.BytesIO(Path(path).read_bytes())).module()  # the temp file's name is not *.pt2
         run = prog
     worst = 0.0
     for bs, hh, ww in shapes:
