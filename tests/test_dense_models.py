@@ -93,9 +93,9 @@ def test_official_agent_shapes_set_per_stage():
         mods = [m for m in bb.modules() if isinstance(m, AgentAttention)]
         by_stage = agent_modules_by_stage(bb.body.model)
         assert mods and len(by_stage) == len(mods)
-        stage_modules = [info["module"] for info in bb.body.model.feature_info]
+        stage_modules = [info["stage"] for info in bb.body.model.feature_info]
         for stage, n, m in by_stage:
-            assert n.startswith(stage_modules[stage] + ".")  # found inside its feature_info module
+            assert n.startswith(stage_modules[stage] + ".")  # found inside its feature_info stage
             assert m.agent_shape == OFFICIAL_AGENT_SHAPES[fam][stage]
         feats = bb(torch.rand(1, 3, H, W))
         assert [tuple(f.shape[-2:]) for f in feats] == [(-(-H // 32) * 32 // s, -(-W // 32) * 32 // s) for s in (4, 8, 16, 32)]

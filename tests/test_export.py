@@ -97,7 +97,7 @@ def test_export_command_batch_1_swin(tmp_path, capsys):
     assert main(["export", "--model", "agent_swin_t", "--format", "pt2", "--model-kwargs", _kw("agent_swin_tiny"),
                  "--size", "64", "96", "--batch", "1", "--output", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
-    assert out.is_file() and "verify (1, 3, 96, 96)" in text and "verify (3, 3, 64, 128)" in text
+    assert out.is_file() and "verify (1, 3, 128, 96)" in text and "verify (3, 3, 64, 160)" in text
     prog = torch.export.load(str(out)).module()
     assert prog(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 

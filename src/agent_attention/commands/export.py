@@ -48,14 +48,19 @@ def _verify(model, path: str, fmt: str, example, dynamic: bool) -> float:
     m = size_multiple(model)
     h, w = example.shape[-2:]
     b = example.shape[0]
-    shapes = [(1, h + m, w), (3, h, w + 2 * m)] if dynamic else [(b, h, w)]
+    h1 = h + m if h + m != w else h + 2 * m  # two non-square sizes other than the example's
+    w2 = w + 2 * m if w + 2 * m != h else w + m
+    shapes = [(1, h1, w), (3, h, w2)] if dynamic else [(b, h, w)]
     if fmt == "onnx":
         import onnxruntime as ort
 
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         run = lambda x: torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])  # noqa: E731
     else:
-        prog = torch.export.load(path).module()
+        import io
+        from pathlib import Path
+
+        prog = torch.export.load(io.BytesIO(Path(path).read_bytes())).module()  # the temp file's name is not *.pt2
         run = prog
     worst = 0.0
     for bs, hh, ww in shapes:
