@@ -45,7 +45,7 @@ def flex_available() -> bool:
     return True
 
 
-def _bias_terms(bias, transposed: bool):
+def _bias_terms(bias):
     """What :func:`_step` needs of a bias, as plain tensors and ints (graph inputs and constants)."""
     if bias is None:
         return None
@@ -115,7 +115,7 @@ def flex_runs(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, agent_bias, query
 
 
 def _run(query, key, value, bias, pad, scale, transposed, kernel_options, eager: bool) -> Tensor:
-    terms = _bias_terms(bias, transposed)
+    terms = _bias_terms(bias)
     if torch.compiler.is_compiling():  # inside the caller's graph: traced with it
         return _step(query, key, value, terms, pad, scale, transposed, kernel_options)
     if eager:

@@ -11,7 +11,8 @@ Both steps are ordinary softmax attentions with ``n`` on one side, so the cost i
 calls of :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels on CPU and CUDA,
 biases broadcast over the batch, never copied per sample).  :func:`agent_attention_math` is the
 plain reference used by the tests, and :func:`agent_feature_maps` exposes the generalized linear
-attention view ``O = φq(Q) · φk(K)ᵀ · V``.
+attention view ``O = φq(Q) · φk(K)ᵀ · V``. ``path("flex")`` runs both steps through FlexAttention
+instead (:mod:`agent_attention._flex`), with factored biases evaluated per logit.
 
 This module is the only place in the package where agent attention is computed.
 """
