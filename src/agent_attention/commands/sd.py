@@ -10,7 +10,6 @@ The model directory is loaded with ``DiffusionPipeline.from_pretrained(path, loc
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -85,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 @command(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    with usage_errors():
+        device, dtype, dtype_name = resolve_device(args.device, args.dtype, PROG)
     model = model_dir(args.model)
     schedule, switch = schedule_from_args(args)
     if Path(args.out).is_dir():
@@ -92,13 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     image_format(args.out)
     if args.switch_step is not None and not args.no_schedule and args.switch_step >= args.steps:
         print(f"{PROG}: note: --switch-step {args.switch_step} >= --steps {args.steps}: the second phase never "
-              "runs (every step keeps the first-phase settings, as with --no-schedule)", file=sys.stderr)
+              "runs (every step keeps the first-phase settings, as with --no-schedule)")
     seeds = args.seeds if args.seeds else [args.seed]
 
     from ..diffusion.patch import apply_agentsd, remove_agentsd
 
-    with usage_errors():
-        device, dtype, dtype_name = resolve_device(args.device, args.dtype, PROG)
     pipe = load_pipeline(model, device, dtype)
 
     options = call_options(args)
