@@ -53,3 +53,14 @@ def test_failing_and_slow_stages_are_reported(tmp_path):
     slow = gpu._run_stage(dict(name="slow", argv=["-c", "import time; time.sleep(30)"], timeout=1), tmp_path)
     assert slow["status"].startswith("timed out")
     assert sys.executable  # the stages run in this interpreter
+
+
+def test_dit_stage_parses_with_the_dit_bench(tmp_path):
+    """The DiT stage's command line is one that ``bench sd --model ...`` accepts (its own options,
+    not the UNet bench's), in the full and the quick plan."""
+    from agent_attention.bench import sd_dit
+
+    for device, quick in (("cuda", False), ("cpu", True)):
+        argv = _argv(gpu.stages(device, tmp_path, quick=quick, dit=True), "bench sd, DiT")
+        args = sd_dit.build_parser().parse_args(argv[argv.index("sd") + 1:])
+        assert args.model == "pixart" and args.sizes == ([2048] if not quick else [256]) and args.tiny == quick

@@ -116,7 +116,9 @@ def stages(device: str, out: Path, quick: bool, dit: bool) -> List[dict]:
                              "--out", str(out / "sd")]))
     if dit:
         result.append(dict(name="bench sd, DiT block", timeout=slack or 30,
-                           argv=[*sd, "--model", "pixart", "--sizes", "256" if quick else "2048",
+                           argv=[*bench, "sd", "--model", "pixart", "--device", device,
+                                 "--dtype", "fp32" if cpu else "fp16", "--ratio", "0.4", "--methods", "agentsd",
+                                 "--repeats", "2" if quick else "3", "--sizes", "256" if quick else "2048",
                                  *(["--tiny"] if quick else []), "--out", str(out / "sd_dit")]))
     else:
         result.append(dict(name="bench sd, DiT block", skip="bench sd has no --model option in this version"))
