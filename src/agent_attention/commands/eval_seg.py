@@ -12,19 +12,11 @@ import time
 from typing import List, Optional
 
 from ._dispatch import command, usage_errors
+from ._eval_release import add_release_eval_options, check_release_args, first_n, scale_type, write_results
 
 __all__ = ["build_parser", "main"]
 
 PROG = "agent-attention eval-seg"
-
-
-def _scale(text: str):
-    parts = [int(v) for v in text.replace("x", ",").split(",")]
-    if len(parts) == 1:
-        parts = [parts[0] * 4, parts[0]]
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected LONG,SHORT (e.g. 2048,512) or one side, got {text!r}")
-    return tuple(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,19 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "original size. Weights: the released file (--pretrained, downloaded once and cached) "
                     "or a local official .pth / safetensors file (--checkpoint).",
         epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", default=None, metavar="NAME", help="release name (see --list)")
-    p.add_argument("--pretrained", action="store_true", help="download (once) and use the released weights")
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="official-layout weights (.pth / .safetensors)")
-    p.add_argument("--data", default=None, metavar="DIR", help="ADE20K-layout folder (ADEChallengeData2016)")
-    p.add_argument("--split", default="validation", help="sub-folder of images/ and annotations/ (default: validation)")
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate the first N images only (0: all)")
-    p.add_argument("--scale", type=_scale, default=(2048, 512), metavar="LONG,SHORT",
-                   help="test resize: fit inside LONG x SHORT keeping the ratio (official 2048,512)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results (per-class IoU too) as JSON")
-    p.add_argument("--list", action="store_true", help="list the segmentation releases with the paper's mIoU and exit")
+    add_release_eval_options(
+        p, data="ADE20K-layout folder (ADEChallengeData2016)", split="validation",
+        split_help="sub-folder of images/ and annotations/ (default: validation)", scale=(2048, 512),
+        scale_parser=scale_type(one_side_ratio=4), json_help="also write the results (per-class IoU too) as JSON",
+        list_help="list the segmentation releases with the paper's mIoU and exit")
     return p
 
 
@@ -69,32 +53,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         _list()
         return 0
-    import torch
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader
 
     from ..dense import data as D
-    from ..dense.releases import get_release
 
     with usage_errors():
-        if args.model is None:
-            raise ValueError("--model is required (see --list)")
-        release = get_release(args.model, task="seg")
-        if args.pretrained == (args.checkpoint is not None):
-            raise ValueError("give exactly one of --pretrained and --checkpoint")
-        if args.data is None:
-            raise ValueError("--data is required: an ADE20K-layout folder")
-        if args.limit < 0:
-            raise ValueError(f"--limit must be >= 0, got {args.limit}")
+        release, device = check_release_args(args, "seg", "an ADE20K-layout folder")
         dataset = D.ADE20KFolder(args.data, args.split, scale=args.scale)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from ..dense.engine import evaluate_segmentation
     from ..dense.pretrained import pretrained_segmenter
 
     model = pretrained_segmenter(release.name, checkpoint=args.checkpoint, progress=not args.no_progress).to(device)
-    if args.limit:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    dataset = first_n(dataset, args.limit)
     loader = DataLoader(dataset, batch_size=1, collate_fn=D.segmentation_collate)
     t0 = time.perf_counter()
     scores = evaluate_segmentation(model, loader, release.num_classes, device, progress=not args.no_progress)
@@ -102,9 +72,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{release.name} on {len(dataset)} images of {args.data} ({args.split}): mIoU {100 * scores['mIoU']:.2f}  "
           f"mAcc {100 * scores['mAcc']:.2f}  aAcc {100 * scores['aAcc']:.2f}  ({seconds:.1f} s; paper: "
           f"mIoU {release.miou:.2f} on the full validation set)")
-    if args.json:
-        from .._atomic import write_json
-
-        write_json(args.json, dict(model=release.name, data=str(args.data), split=args.split, images=len(dataset),
-                                   seconds=seconds, paper_mIoU=release.miou, **scores), indent=1)
+    write_results(args, release, len(dataset), seconds, paper_mIoU=release.miou, **scores)
     return 0
