@@ -158,19 +158,6 @@ class AgentAttentionCore(AgentBiases, nn.Module):
         setattr(self, name, conv(self.dim, self.dim, kernel, padding=kernel // 2, groups=self.dim))
         self.dwc_name = name
 
-    def _apply(self, fn, recurse: bool = True):
-        """``Module._apply`` with the 5-D row/column biases of a 2-D module (``ah_bias (1, h, A, Hs, 1)``
-        ...) converted as 4-D views (dims 0-1 merged) and shaped back: ``model.to(memory_format=
-        torch.channels_last)`` (a 4-D-only format that ``Module.to`` applies to every 4-D and 5-D
-        tensor) then works, and the parameters keep the official shapes."""
-        if self.ndim != 2:
-            return super()._apply(fn, recurse)
-
-        def apply(t):
-            return fn(t.flatten(0, 1)).reshape(t.shape) if t.dim() == 5 else fn(t)
-
-        return super()._apply(apply, recurse)
-
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
         return (
