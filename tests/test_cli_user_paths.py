@@ -311,3 +311,12 @@ def test_dense_progress_bars_only_on_a_terminal(capsys, tmp_path):
 
     run = _dense.parse(train_det.build_parser(), "det", DET_FIELDS, ["--output", str(tmp_path / "r")])
     assert run.no_progress is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("command", ["train-det", "train-seg"])
+def test_dense_device_is_checked_before_any_work(capsys, tmp_path, command):
+    out = str(tmp_path / "run")
+    error_line(capsys, cli([command, "--device", "cuda", "--output", out]), 2, "no CUDA GPU")
+    error_line(capsys, cli([command, "--device", "gpu", "--output", out]), 2, "unknown device 'gpu'")
+    assert not (tmp_path / "run").exists()

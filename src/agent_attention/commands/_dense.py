@@ -92,6 +92,10 @@ def parse(p: argparse.ArgumentParser, task: str, fields: Sequence[Field], argv: 
     from ._dispatch import usage_errors
 
     args = p.parse_args(argv)
+    from .._device import resolve_device
+
+    with usage_errors():  # an unknown device or a GPU this machine lacks: one line, before any work
+        args.device = resolve_device(str(args.device))
     if args.list_recipes:
         print("\n".join(dense_recipes(task)))
         raise SystemExit(0)
@@ -137,7 +141,7 @@ def run(args, model, train_set, collate, loss_fn, evaluate, steps, eval_every, s
     from ..dense.engine import LoopConfig, load_training_checkpoint, train
     from ..train.optim import build_dense_scheduler, build_optimizer
 
-    device = torch.device(args.device)
+    device = args.device
     model.to(device)
     if args.eval_only:
         if args.checkpoint:

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 from torch import Tensor
 
+from .._errors import one_line
 from .releases import DenseRelease, get_release
 
 __all__ = ["fetch_release", "load_release_state", "release_cache_path", "build_released_segmenter",
@@ -34,10 +35,6 @@ def release_cache_path(name: str, url: str, cache=None) -> Path:
     r = get_release(name)
     tag = r.file_id[:8] if (r.file_id and url in (r.url, r.official_url)) else hashlib.sha256(url.encode()).hexdigest()[:8]
     return cache_dir(cache) / "dense" / f"{name}-{tag}.safetensors"
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
 
 
 def fetch_release(name: str, *, url: Optional[str] = None, cache=None, progress: Optional[bool] = None,
@@ -74,14 +71,14 @@ def fetch_release(name: str, *, url: Optional[str] = None, cache=None, progress:
         try:
             state, entry = select_state_dict(load_checkpoint(raw))  # mmdet / mmseg: 'state_dict' 
         except UnsafeCheckpointError as e:
-            raise UnsafeCheckpointError(f"{source}: {_one_line(e)}") from None
+            raise UnsafeCheckpointError(f"{source}: {one_line(e)}") from None
         except (ValueError, KeyError) as e:
-            raise ValueError(f"{source} is not a usable {r.task} checkpoint: {_one_line(e)}") from None
+            raise ValueError(f"{source} is not a usable {r.task} checkpoint: {one_line(e)}") from None
         if verify is not None:
             try:
                 verify(state)
             except ValueError as e:
-                raise ValueError(f"{source} does not hold the {name} weights: {_one_line(e)}") from None
+                raise ValueError(f"{source} does not hold the {name} weights: {one_line(e)}") from None
         export_safetensors(state, target, metadata={"model": name, "source": url, "entry": entry or "(raw)",
                                                     "source_sha256": sha256})
     finally:
