@@ -42,7 +42,7 @@ def test_models_command_lists_dense_releases(monkeypatch, capsys):
     from agent_attention.commands.models import main
     from agent_attention.models import report
 
-    monkeypatch.setattr(report, "collect", lambda names, flops=False, progress=False: [])
+    monkeypatch.setattr(report, "collect_with_progress", lambda names, flops=False, stream=None: [])
     assert main(["--task", "dense", "--format", "csv"]) == 0
     import csv
     import io

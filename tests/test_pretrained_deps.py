@@ -38,7 +38,7 @@ def test_core_imports_and_models_work_without_the_optional_packages():
     code = (
         "import sys; sys.modules.update({m: None for m in %r})\n"
         "import agent_attention, agent_attention.models, agent_attention.commands.train, agent_attention.viz, timm\n"
-        "from agent_attention.models import pretrained, hub\n"
+        "from agent_attention.weights import pretrained, hub\n"
         "m = timm.create_model('agent_deit_tiny', depth=1, num_classes=3)\n"
         "import torch; print(tuple(m(torch.randn(1, 3, 32, 32)).shape))\n" % (OPTIONAL,)
     )

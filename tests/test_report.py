@@ -33,11 +33,11 @@ def test_every_official_model_with_exact_params(official_rows):
 def test_cli_csv(official_rows, monkeypatch, capsys):
     seen = {}
 
-    def fake_collect(names, flops=False, progress=False):
+    def fake_collect(names, flops=False, stream=None):
         seen.update(names=names, flops=flops)
         return official_rows
 
-    monkeypatch.setattr(report, "collect", fake_collect)
+    monkeypatch.setattr(report, "collect_with_progress", fake_collect)
     from agent_attention.commands.models import main
 
     assert main(["--format", "csv", "--task", "cls", "--names", "all", "--no-flops"]) == 0
