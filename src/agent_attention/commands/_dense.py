@@ -95,7 +95,7 @@ def parse(p: argparse.ArgumentParser, task: str, fields: Sequence[Field], argv: 
     from .._device import resolve_device
 
     with usage_errors():  # an unknown device or a GPU this machine lacks: one line, before any work
-        args.device = resolve_device(str(args.device))
+        args.device = str(resolve_device(str(args.device)))  # a string: the run config is JSON
     if args.list_recipes:
         print("\n".join(dense_recipes(task)))
         raise SystemExit(0)
@@ -141,7 +141,7 @@ def run(args, model, train_set, collate, loss_fn, evaluate, steps, eval_every, s
     from ..dense.engine import LoopConfig, load_training_checkpoint, train
     from ..train.optim import build_dense_scheduler, build_optimizer
 
-    device = args.device
+    device = torch.device(args.device)
     model.to(device)
     if args.eval_only:
         if args.checkpoint:

@@ -31,6 +31,7 @@ def build_parser():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import torch
     from torch.utils.data import DataLoader, Subset
 
     from ..dense import data as D
@@ -69,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     iou_types = ("bbox", "segm") if model.with_mask else ("bbox",)
     val_loader = DataLoader(val_set, batch_size=max(1, min(args.batch_size, 8)), collate_fn=D.detection_collate,
                             num_workers=args.workers)
-    device = args.device  # resolved and checked by _dense.parse
+    device = torch.device(args.device)  # checked by _dense.parse
 
     def evaluate(m):
         return evaluate_detection(m, val_loader, coco_gt, device, label_to_cat, iou_types, progress=not args.no_progress)

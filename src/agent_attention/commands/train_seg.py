@@ -23,6 +23,7 @@ def build_parser():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import torch
     from torch.utils.data import DataLoader, Subset
 
     from ..dense import data as D
@@ -51,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{len(train_set)} training / {len(val_set)} validation images")
     val_loader = DataLoader(val_set, batch_size=args.batch_size if args.data is None else 1,
                             collate_fn=D.segmentation_collate, num_workers=args.workers)
-    device = args.device  # resolved and checked by _dense.parse
+    device = torch.device(args.device)  # checked by _dense.parse
 
     def evaluate(m):
         return evaluate_segmentation(m, val_loader, num_classes, device, names, progress=not args.no_progress)
