@@ -2,7 +2,7 @@
 
 :class:`AgentBackbone` wraps a hierarchical timm model (any model of the zoo, or any timm model
 with ``forward_intermediates``) as a feature extractor with the official downstream settings
-(spec §6.1), which each model declares itself:
+which each model declares itself:
 
 * **agent shapes per stage** for dense inputs: every :class:`~agent_attention.layers.AgentAttention`
   of stage ``i`` (the module ``feature_info[i]["stage"]``) pools its agents to ``agent_shapes[i]``

@@ -1,7 +1,7 @@
 """Training recipes: the official defaults, one yaml per recipe, command-line overrides.
 
 A recipe is a flat mapping ``field: value``. Resolution order: :data:`FIELDS` defaults (the
-official ``config.py`` values, spec §4.2) <- the recipe yaml <- command-line flags. Every field has
+official ``config.py`` values) <- the recipe yaml <- command-line flags. Every field has
 a generated flag (``warmup_epochs`` -> ``--warmup-epochs``; booleans also ``--no-...``) and
 ``--set FIELD=VALUE`` sets any field from a yaml value (``--set model_kwargs.depth=6``).
 """

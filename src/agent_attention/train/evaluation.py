@@ -1,4 +1,4 @@
-"""Model building, weight loading, top-1/top-5 evaluation and throughput (spec §4.5)."""
+"""Model building, weight loading, top-1/top-5 evaluation and throughput."""
 from __future__ import annotations
 
 import time

@@ -1,5 +1,5 @@
-"""Optimizers and learning-rate schedules: the official classification recipe (spec §4.3) and the
-dense recipes (spec §6.2/§6.3), with one parameter-group rule for both."""
+"""Optimizers and learning-rate schedules: the official classification recipe and the
+dense recipes, with one parameter-group rule for both."""
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
