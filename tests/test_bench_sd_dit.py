@@ -17,8 +17,9 @@ def test_bench_sd_dit_smoke(tmp_path, capsys, model, extra):
     assert rc == 0
     data = json.loads((tmp_path / f"sd_{model}_fp32.json").read_text())
     methods = {r["method"]: r for r in data["records"]}
-    assert set(methods) == {"baseline", "todo", "agentsd"}
+    assert set(methods) == {"baseline", "todo", "agentsd", "agentsd+merge"}
     assert methods["agentsd"]["calls"].get("agent", 0) > 0 and methods["todo"]["calls"].get("todo", 0) > 0
+    assert not methods["agentsd"]["calls"].get("merged mlp") and methods["agentsd+merge"]["calls"].get("merged mlp", 0) > 0
     kinds = {"flux": {"transformer_blocks", "single_transformer_blocks"}, "wan": {"blocks"}}[model]
     assert all(set(r["blocks"]) == kinds and r["seconds"] > 0 for r in data["records"])
     assert "AgentSD" in capsys.readouterr().out
@@ -36,10 +37,10 @@ def test_goal_lines_say_met_or_missed_by_how_much(tmp_path):
 
     runs = [_run("X", "2048²", 10.0, 4.0, 9.0, 2.0), _run("V", "480×832×81", 10.0, 4.0, 8.0, 2.0), _run("X", "1024²", 3.0, 2.0, 2.0, 1.0)]
     lines = goal_lines(runs)
-    assert "goal: per transformer block ≥ 3× at 2048²: X 2048² fp32 block: 4.50× — met" in lines
-    assert "goal: per transformer block ≥ 5× on the 81-frame video: V 480×832×81 fp32 block: 4.00× — MISSED by 1.25×" in lines
-    assert "goal: reduced model's whole forward ≥ 2× at 2048²: X 2048² fp32 forward: 2.50× — met" in lines
-    assert any(line.startswith("report: 1024² X fp32: forward 1.50×, block 2.00×") for line in lines)
+    assert "goal: per transformer block ≥ 3× at 2048²: X 2048² fp32 AgentSD block: 4.50× — met" in lines
+    assert "goal: per transformer block ≥ 5× on the 81-frame video: V 480×832×81 fp32 AgentSD block: 4.00× — MISSED by 1.25×" in lines
+    assert "goal: reduced model's whole forward ≥ 2× at 2048²: X 2048² fp32 AgentSD forward: 2.50× — met" in lines
+    assert any(line.startswith("report: 1024² X fp32 AgentSD: forward 1.50×, block 2.00×") for line in lines)
     files = []
     for i, run in enumerate(runs):
         f = tmp_path / f"r{i}.json"

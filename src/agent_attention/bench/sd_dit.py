@@ -10,10 +10,12 @@ the full depth).  For each size (``--sizes`` 1024 2048: image side in pixels; Wa
 * ``baseline``: diffusers' stock attention processors (SDPA);
 * ``todo``: ToDo, keys/values average-pooled to as many as ToMe keeps tokens at ``--ratio``;
 * ``agentsd``: AgentSD's first phase (tokens merged at ``--ratio``, agents), text tokens exact;
+* ``agentsd+merge``: the same with the blocks' cross-attention and feed-forward on the merged rows
+  too (``merge_crossattn=True, merge_mlp=True``);
 
 one forward of the reduced model is timed per round (rounds alternate the order of the methods), and
 forward hooks on each transformer block time the blocks inside it.  ``--profile`` adds
-``torch.profiler``'s top operators of one AgentSD forward at the largest size.  Writes
+``torch.profiler``'s top operators of one forward of each method at the largest size.  Writes
 ``sd_<model>_<dtype>.json`` and ``.md`` under ``--out``; :mod:`.sd_dit_report` combines runs into
 one table, the goal lines and a plot.
 """
@@ -86,7 +88,7 @@ TINY = {  # smoke tests: the same classes at toy widths
                  axes_dims_rope=(2, 2, 4)),
     "wan": dict(num_attention_heads=2, attention_head_dim=8, text_dim=32, freq_dim=16, ffn_dim=32),
 }
-METHODS = ("baseline", "todo", "agentsd")
+METHODS = ("baseline", "todo", "agentsd", "agentsd+merge")
 
 
 def build_model(name: str, blocks: int = 1, tiny: bool = False) -> torch.nn.Module:
@@ -158,6 +160,12 @@ def configure(model, method: str, ratio: float) -> None:
         apply_agentsd(model, method="todo", todo_factor=todo_factor_for_ratio(ratio))
     elif method == "agentsd":
         apply_agentsd(model, ratio=ratio)
+    elif method == "agentsd+merge":
+        import warnings
+
+        with warnings.catch_warnings():  # SD3 and FLUX have no cross-attention to the text: nothing to say
+            warnings.filterwarnings("ignore", message=".*merge_crossattn=True does nothing")
+            apply_agentsd(model, ratio=ratio, merge_crossattn=True, merge_mlp=True)
     elif method != "baseline":
         raise ValueError(f"unknown method {method!r}")
 
@@ -268,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="square image sides in pixels (image models)")
     p.add_argument("--frames", type=int, nargs="+", default=[17, 81], help="video frames (Wan)")
     p.add_argument("--video-size", type=int, nargs=2, default=[480, 832], metavar=("H", "W"), help="video frame size (Wan)")
-    p.add_argument("--methods", nargs="+", choices=METHODS[1:], default=["todo", "agentsd"], help="methods beside the baseline")
+    p.add_argument("--methods", nargs="+", choices=METHODS[1:], default=["todo", "agentsd", "agentsd+merge"],
+                   help="methods beside the baseline")
     p.add_argument("--ratio", type=float, default=0.4, help="AgentSD merging ratio; ToDo keeps as many keys/values")
     p.add_argument("--blocks", type=int, default=1, help="transformer blocks of each kind (default 1)")
     p.add_argument("--batch", type=int, default=1, help="denoiser batch")
@@ -277,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler top operators of one AgentSD forward at the largest size")
+    p.add_argument("--profile", action="store_true", help="torch.profiler top operators of one forward of each method at the largest size")
     p.add_argument("--tiny", action="store_true", help="toy widths (smoke test)")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory")
     return p
@@ -317,8 +326,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         inputs = make_inputs(args.model, model, hw, frames=frames, batch=args.batch, dtype=dtype, device=device)
         timings = time_forward(model, inputs, methods, args.ratio, args.repeats, device, warmup=not args.no_warmup)
         records += records_of(args.model, label, tokens, dtype_name, timings)
-        if args.profile and i == len(cases) - 1 and "agentsd" in methods:
-            profile = dict(size=label, method="agentsd", table=profile_top(model, inputs, "agentsd", args.ratio))
+        if args.profile and i == len(cases) - 1:
+            profile = [dict(size=label, method=m, table=profile_top(model, inputs, m, args.ratio)) for m in methods]
     data = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "params": params, "blocks": lists, "full_depth": spec.full_depth, "records": records, "profile": profile}
     md = report.markdown([data])

@@ -17,7 +17,9 @@ from . import common
 
 __all__ = ["rows", "goal_lines", "markdown", "plot", "main"]
 
-LABELS = {"baseline": "baseline (SDPA)", "todo": "ToDo (same K/V count)", "agentsd": "AgentSD"}
+LABELS = {"baseline": "baseline (SDPA)", "todo": "ToDo (same K/V count)", "agentsd": "AgentSD",
+          "agentsd+merge": "AgentSD + merged cross-attn/MLP"}
+AGENTSD = ("agentsd", "agentsd+merge")
 BLOCK_NAMES = {"transformer_blocks": "block", "single_transformer_blocks": "single block", "blocks": "block"}
 GOALS = [  # (what, size predicate, per-block?, target)
     ("per transformer block ≥ 3× at 2048²", lambda r: r["size"] == "2048²", True, 3.0),
@@ -61,7 +63,7 @@ def goal_lines(runs: Sequence[dict]) -> List[str]:
     lines = []
     for what, applies, per_block, target in GOALS:
         for r in records:
-            if r["method"] != "agentsd" or not applies(r):
+            if r["method"] not in AGENTSD or not applies(r):
                 continue
             b = _base(records, r)
             if b is None:
@@ -70,11 +72,13 @@ def goal_lines(runs: Sequence[dict]) -> List[str]:
                      if per_block else [("forward", b["seconds"] / r["seconds"])])
             for part, ratio in cases:
                 verdict = "met" if ratio >= target else f"MISSED by {target / ratio:.2f}×"
-                lines.append(f"goal: {what}: {r['title']} {r['size']} {r['dtype']} {part}: {ratio:.2f}× — {verdict}")
+                lines.append(f"goal: {what}: {r['title']} {r['size']} {r['dtype']} {LABELS[r['method']]} {part}: "
+                             f"{ratio:.2f}× — {verdict}")
     for r in records:
-        if r["method"] == "agentsd" and r["size"] == "1024²" and (b := _base(records, r)) is not None:
+        if r["method"] in AGENTSD and r["size"] == "1024²" and (b := _base(records, r)) is not None:
             parts = ", ".join(f"{BLOCK_NAMES.get(k, k)} {b['blocks'][k]['seconds'] / t['seconds']:.2f}×" for k, t in r["blocks"].items())
-            lines.append(f"report: 1024² {r['title']} {r['dtype']}: forward {b['seconds'] / r['seconds']:.2f}×, {parts}")
+            lines.append(f"report: 1024² {r['title']} {r['dtype']} {LABELS[r['method']]}: forward "
+                         f"{b['seconds'] / r['seconds']:.2f}×, {parts}")
     return lines
 
 
@@ -86,9 +90,9 @@ def markdown(runs: Sequence[dict]) -> str:
             "block inside it (forward hooks), medians over rounds that alternate the methods; speed-ups over the stock "
             "SDPA attention.", common.markdown_table(headers, table), "Goals:", "\n".join(f"- {g}" for g in goal_lines(runs))]
     for run in runs:
-        prof = run.get("profile")
-        if prof:
-            text.append(f"Profile, {run['records'][0]['title']} {prof['size']}, {prof['method']} "
+        profiles = run.get("profile") or []
+        for prof in [profiles] if isinstance(profiles, dict) else profiles:  # one dict in older runs
+            text.append(f"Profile, {run['records'][0]['title']} {prof['size']}, {LABELS.get(prof['method'], prof['method'])} "
                         f"(torch.profiler, top operators by self CPU time):\n\n```\n{prof['table']}\n```")
     return "\n\n".join(t for t in text if t)
 
@@ -100,8 +104,10 @@ def plot(runs: Sequence[dict], path: Path) -> Path:
     tokens = {(r["title"], r["size"], r["dtype"]): r["tokens"] for r in records}
     cases = sorted(tokens, key=lambda c: (c[0], tokens[c], c[2]))
     xs = range(len(cases))
-    width = 0.2
-    for j, (method, what) in enumerate([(m, w) for m in ("todo", "agentsd") for w in ("block", "forward")]):
+    present = [m for m in ("todo",) + AGENTSD if any(r["method"] == m for r in records)]
+    bars = [(m, w) for m in present for w in ("block", "forward")]
+    width = 0.8 / max(len(bars), 1)
+    for j, (method, what) in enumerate(bars):
         ys = []
         for title, size, dtype in cases:
             r = next((x for x in records if (x["title"], x["size"], x["dtype"], x["method"]) == (title, size, dtype, method)), None)
@@ -112,7 +118,7 @@ def plot(runs: Sequence[dict], path: Path) -> Path:
                 ys.append(b["seconds"] / r["seconds"])
             else:
                 ys.append(min(b["blocks"][k]["seconds"] / t["seconds"] for k, t in r["blocks"].items()))
-        ax.bar([x + (j - 1.5) * width for x in xs], ys, width, label=f"{LABELS[method]}, {what}")
+        ax.bar([x + (j - (len(bars) - 1) / 2) * width for x in xs], ys, width, label=f"{LABELS[method]}, {what}")
     for target in (2, 3, 5):
         ax.axhline(target, color="grey", ls=":", lw=0.8)
     ax.axhline(1, color="k", lw=0.8)

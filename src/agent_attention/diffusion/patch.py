@@ -163,11 +163,41 @@ def _install(model: nn.Module, adapter: Adapter, config: AgentSDConfig, legacy: 
     for block in sorted(blocks - set(state.block_hooks)):
         modules = dict(model.named_modules()) if modules is None else modules
         state.block_hooks[block] = register(modules[block], BlockHook(state, block, adapter), BLOCK_HOOK)
+    _install_tokenwise(model, adapter, state, config)
     if state.hook is None:
         state.hook = register(model, DenoiserHook(state, adapter, update_active), DENOISER_HOOK)
     state._active_key = None
     update_active(model, state)
     return state
+
+
+def _install_tokenwise(model: nn.Module, adapter: Adapter, state: AgentSDState, config: AgentSDConfig) -> None:
+    """(Re)install the :class:`~.tokenwise.TokenwiseHook` s of the patched blocks when a rule asks for
+    ``merge_crossattn`` / ``merge_mlp``; warn about a flag this model has no sub-layer for."""
+    for handle in state.tokenwise_hooks.values():
+        handle.remove()
+    state.tokenwise_hooks.clear()
+    wanted = {kind for r in config.rules if r.settings is not None
+              for kind in ("crossattn", "mlp") if getattr(r.settings, f"merge_{kind}")}
+    if not wanted:
+        return
+    from .tokenwise import TOKENWISE_HOOK, TokenwiseHook
+
+    modules = dict(model.named_modules())
+    first: Dict[str, Any] = {}
+    for spec in state.layers.values():  # a block's settings are those of its patched layers
+        first.setdefault(spec.block, spec)
+    found = set()
+    for block, layer in first.items():
+        for sub in adapter.tokenwise(block, modules[block]):
+            if sub.kind in wanted and sub.name not in state.tokenwise_hooks:
+                found.add(sub.kind)
+                hook = TokenwiseHook(state, sub, layer, adapter)
+                state.tokenwise_hooks[sub.name] = register(sub.module, hook, TOKENWISE_HOOK)
+    for kind in sorted(wanted - found):
+        warnings.warn(f"AgentSD: merge_{kind}=True does nothing on {type(model).__name__}: its patched blocks have no "
+                      f"{'cross-attention to the text' if kind == 'crossattn' else 'feed-forward'} sub-layer",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _blocks(rule: Rule, num_blocks: int):
@@ -221,6 +251,8 @@ def remove_agentsd(pipe_or_model: Any) -> None:
             _restore(state, name, spec.attn)
         for block in list(state.block_hooks):
             state.block_hooks.pop(block).remove()
+        for name in list(state.tokenwise_hooks):
+            state.tokenwise_hooks.pop(name).remove()
         state.block_inputs.clear()
         state.layers.clear()
         state.levels.clear()

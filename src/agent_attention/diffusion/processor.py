@@ -31,7 +31,7 @@ from .core import attention_call, reduce_tokens, sdpa
 from .settings import METHODS, AgentSDSettings
 from .state import AgentSDState
 
-__all__ = ["AgentSDSettings", "AgentSDState", "AgentSDProcessor", "latent_grid", "METHODS"]
+__all__ = ["AgentSDSettings", "AgentSDState", "AgentSDProcessor", "block_reduction", "latent_grid", "METHODS"]
 
 _BARE = UNetAdapter()
 
@@ -111,24 +111,30 @@ class AgentSDProcessor:
         return self.adapter.finish(layer, attn, call, image, text)
 
     def _reduction(self, layer: LayerSpec, call, settings: AgentSDSettings, fp32: bool):
-        """The block's reduction for this call: computed once per block call (the block hook keeps
-        the block input and the reduction while the block runs), on the block input."""
-        state = self.state
-        if settings.method != "agentsd":  # ToDo pools on the grid: no matching
-            return reduce_tokens(settings, call.grid, call.x)
-        entry = state.block_inputs.get(layer.block) if self.layer is not None else None
-        metric = entry[0] if entry is not None else None
-        if metric is None or metric.shape[:2] != call.x.shape[:2]:
-            metric, entry = call.x, None  # called outside a hooked block (a bare Attention layer)
-            state.calls["metric=attention input"] += 1
-        elif entry[1] is not None and entry[1][0] == settings:
-            return entry[1][1]
-        use_rand = settings.use_rand and call.x.shape[0] % 2 == 0
-        generator = state.generator(call.x.device) if use_rand else None
-        red = reduce_tokens(settings, call.grid, metric, generator=generator, fp32=fp32)
-        if entry is not None:
-            entry[1] = (settings, red)
-        return red
+        return block_reduction(self.state, layer.block if self.layer is not None else None, call.x, call.grid,
+                               settings, fp32)
+
+
+def block_reduction(state: AgentSDState, block: Optional[str], x: Tensor, grid, settings: AgentSDSettings, fp32: bool):
+    """The reduction of the image tokens ``x`` (B, N, C) on ``grid`` in block ``block``: computed once
+    per block call (the block hook keeps the block input and the reduction while the block runs),
+    matched on the block input, and shared by the block's patched layers and merged sub-layers.
+    ``block=None`` (a bare ``Attention`` outside a hooked block) matches on ``x`` itself."""
+    if settings.method != "agentsd":  # ToDo pools on the grid: no matching
+        return reduce_tokens(settings, grid, x)
+    entry = state.block_inputs.get(block) if block is not None else None
+    metric = entry[0] if entry is not None else None
+    if metric is None or metric.shape[:2] != x.shape[:2]:
+        metric, entry = x, None  # called outside a hooked block (a bare Attention layer)
+        state.calls["metric=attention input"] += 1
+    elif entry[1] is not None and entry[1][0] == settings:
+        return entry[1][1]
+    use_rand = settings.use_rand and x.shape[0] % 2 == 0
+    generator = state.generator(x.device) if use_rand else None
+    red = reduce_tokens(settings, grid, metric, generator=generator, fp32=fp32)
+    if entry is not None:
+        entry[1] = (settings, red)
+    return red
 
 
 _DISPATCH: Optional[bool] = None

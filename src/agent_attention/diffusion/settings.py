@@ -43,6 +43,13 @@ class AgentSDSettings:
             code, so that the conditional and unconditional halves of a CFG batch agree).
         seed: seed of the destination generator, re-seeded at every new generation (reproducible);
             ``None`` draws the seed from torch's global RNG at every new generation.
+        merge_crossattn: ``agentsd`` only: the block's cross-attention to the text (UNet, PixArt,
+            Wan) also runs on the merged rows (its queries merged, the text keys/values exact, the
+            output unmerged by copy); the official option of the same name, off by default.
+        merge_mlp: ``agentsd`` only: the block's feed-forward runs on the merged rows too (FLUX's
+            single-stream blocks: the MLP input projection); the official option, off by default.
+            Both act token by token, so they only trade the detail of merged tokens for speed;
+            see ``tokenwise.py``.
     """
 
     method: str = "agentsd"
@@ -58,6 +65,8 @@ class AgentSDSettings:
     attn_precision: Optional[str] = None
     use_rand: bool = True
     seed: Optional[int] = 0
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ratio", "agent_ratio"):
@@ -82,6 +91,12 @@ class AgentSDSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"AgentSD: {name} must be a finite number, got {value!r}")
+        for name in ("merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AgentSD: {name} must be True or False, got {getattr(self, name)!r}")
+            if getattr(self, name) and self.method != "agentsd":
+                raise ValueError(f"AgentSD: {name} runs sub-layers on merged tokens: it needs method='agentsd', "
+                                 f"got method={self.method!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"AgentSD: seed must be an int or None, got {self.seed!r}")
 

@@ -44,6 +44,7 @@ class AgentSDState:
     levels: Dict[str, Optional[int]] = field(default_factory=dict)
     hook: Any = None
     block_hooks: Dict[str, Any] = field(default_factory=dict)
+    tokenwise_hooks: Dict[str, Any] = field(default_factory=dict)  # sub-layer name -> hook handle (merge_crossattn/mlp)
     block_inputs: Dict[str, Tensor] = field(default_factory=dict)
     _generators: Dict[str, torch.Generator] = field(default_factory=dict)
     _run_seed: Optional[int] = None

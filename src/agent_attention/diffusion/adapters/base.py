@@ -8,6 +8,8 @@ core (``core.py``), the hooks (``hooks.py``) and the processor (``processor.py``
   decides the merge (:class:`LayerSpec`);
 * :meth:`observe`: the token grid of a denoiser call (latent size, ``patch_size``, frames ...) and
   its timestep;
+* :meth:`tokenwise`: the sub-layers of a block that act token by token on its image tokens
+  (cross-attention, feed-forward), which ``merge_crossattn`` / ``merge_mlp`` run on merged rows;
 * :meth:`prepare` / :meth:`finish`: which tokens of an attention call are image tokens (and text
   tokens), the :class:`~..core.Stream` s that call the layer's own projections, norms and position
   encoding, and how the outputs leave the layer.
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from ..core import Stream, grid_numel
 
-__all__ = ["Adapter", "LayerSpec", "Call"]
+__all__ = ["Adapter", "LayerSpec", "Call", "TokenwiseSpec"]
 
 
 @dataclass
@@ -41,6 +43,19 @@ class LayerSpec:
     index: int
     kind: str = "self"
     level: Optional[int] = None
+
+
+@dataclass
+class TokenwiseSpec:
+    """A sub-layer of a block that acts token by token on the block's image tokens: its module name,
+    the module, the block's name, ``kind`` (``"crossattn"`` or ``"mlp"``: the setting
+    ``merge_<kind>`` turns it on) and whether its input holds the text rows first (``text_first``)."""
+
+    name: str
+    module: nn.Module
+    block: str
+    kind: str
+    text_first: bool = False
 
 
 @dataclass
@@ -78,6 +93,23 @@ class Adapter:
 
     def layers(self, model: nn.Module) -> List[LayerSpec]:
         raise NotImplementedError
+
+    #: ``kind -> block attributes`` of the token-wise sub-layers (see :meth:`tokenwise`)
+    tokenwise_attrs: Dict[str, Tuple[str, ...]] = {}
+
+    def tokenwise(self, block_name: str, block: nn.Module) -> List[TokenwiseSpec]:
+        """The token-wise sub-layers of ``block`` (``tokenwise_attrs``; a cross-attention only if it
+        is one)."""
+        found = []
+        for kind, attrs in self.tokenwise_attrs.items():
+            for attr in attrs:
+                module = getattr(block, attr, None)
+                if not isinstance(module, nn.Module):
+                    continue
+                if kind == "crossattn" and not getattr(module, "is_cross_attention", True):
+                    continue
+                found.append(TokenwiseSpec(f"{block_name}.{attr}" if block_name else attr, module, block_name, kind))
+        return found
 
     def selects(self, layer: LayerSpec, settings, layers: List[LayerSpec]) -> bool:
         """Whether ``settings`` may run on ``layer`` (UNets: its resolution level)."""

@@ -17,6 +17,9 @@
   agent then carries the mean phase of its cell, which is what the stock attention's queries of that
   cell look like; pooling before RoPE would need one position per agent, which a cell does not have.
 * The merge metric is the block's input image tokens (before its norm).  Scale ``head_dim ** -0.5``.
+* ``merge_mlp``: the double-stream blocks' image ``ff``, and the single-stream blocks' ``proj_mlp``
+  (its input is ``[text; image]``: the text rows stay exact; the block's ``proj_out`` then sees every
+  row, as its attention output is already expanded).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Stream, grid_numel
-from .base import Adapter, Call, LayerSpec
+from .base import Adapter, Call, LayerSpec, TokenwiseSpec
 
 __all__ = ["FluxAdapter", "rope_rows"]
 
@@ -61,6 +64,11 @@ class FluxAdapter(Adapter):
                 layers.append(LayerSpec(f"{name}.attn", module.attn, name, index, "single"))
                 index += 1
         return layers
+
+    def tokenwise(self, block_name: str, block: nn.Module) -> List[TokenwiseSpec]:
+        if _is(block, "FluxSingleTransformerBlock"):
+            return [TokenwiseSpec(f"{block_name}.proj_mlp", block.proj_mlp, block_name, "mlp", text_first=True)]
+        return [TokenwiseSpec(f"{block_name}.ff", block.ff, block_name, "mlp")]
 
     def grid(self, model: nn.Module, sample: Tensor, bound) -> Optional[Tuple[int, ...]]:
         ids = bound.get("img_ids")

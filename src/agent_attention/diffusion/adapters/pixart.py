@@ -21,6 +21,7 @@ __all__ = ["PixArtAdapter"]
 class PixArtAdapter(Adapter):
     name = "pixart"
     classes = ("PixArtTransformer2DModel",)
+    tokenwise_attrs = {"crossattn": ("attn2",), "mlp": ("ff",)}
 
     def layers(self, model: nn.Module) -> List[LayerSpec]:
         return basic_block_self_attention(model)

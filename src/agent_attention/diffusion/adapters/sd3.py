@@ -25,6 +25,7 @@ def _is_joint_block(module: nn.Module) -> bool:
 class SD3Adapter(Adapter):
     name = "sd3"
     classes = ("SD3Transformer2DModel",)
+    tokenwise_attrs = {"mlp": ("ff",)}
 
     def layers(self, model: nn.Module) -> List[LayerSpec]:
         layers: List[LayerSpec] = []

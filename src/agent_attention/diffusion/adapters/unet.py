@@ -76,6 +76,7 @@ def basic_block_self_attention(model: nn.Module, levels: Optional[Dict[int, int]
 class UNetAdapter(Adapter):
     name = "unet"
     classes = ("UNet2DConditionModel",)
+    tokenwise_attrs = {"crossattn": ("attn2",), "mlp": ("ff",)}
     denoiser_attrs = ("unet",)
     sample_arg = "sample"
 

@@ -47,6 +47,7 @@ def _across_heads(norm: nn.Module, heads: int):
 class WanAdapter(Adapter):
     name = "wan"
     classes = ("WanTransformer3DModel",)
+    tokenwise_attrs = {"crossattn": ("attn2",), "mlp": ("ffn",)}
     denoiser_attrs = ("transformer", "transformer_2")  # Wan 2.2 has a second (low-noise) expert
     rotary_arg = "rotary_emb"  # the 4th positional argument of the layer's processor
 
