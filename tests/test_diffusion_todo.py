@@ -66,3 +66,16 @@ def test_todo_factor_for_ratio_and_validation():
         AgentSDSettings(method="todo", todo_factor=0.5)
     with pytest.raises(ValueError, match="method"):
         AgentSDSettings(method="tome")
+
+
+@pytest.mark.parametrize("out", [(3, 5, 7), (3, 4, 5), (2, 4, 5), (1, 3, 3)])
+def test_3d_pooling_equals_adaptive_pool3d(out):
+    """Video grids: frames kept are pooled per frame in 2-D (a faster path); the same windows as 3-D pooling."""
+    import torch.nn.functional as F
+
+    from agent_attention.diffusion.todo import pool_tokens
+
+    hw = (3, 8, 10)
+    x = torch.randn(2, 240, 6, generator=torch.Generator().manual_seed(0))
+    ref = F.adaptive_avg_pool3d(x.transpose(1, 2).reshape(2, 6, *hw), out).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pool_tokens(x, hw, out), ref, rtol=1e-6, atol=1e-6)

@@ -43,6 +43,10 @@ def pool_tokens(x: Tensor, hw: Tuple[int, ...], out_hw: Tuple[int, ...]) -> Tens
     hw, out_hw = tuple(hw), tuple(out_hw)
     if out_hw == hw:
         return x
+    if len(hw) == 3 and out_hw[0] == hw[0]:  # frames kept: pool each frame in 2-D (the same windows; CPU 3-D
+        t = hw[0]                             # adaptive pooling is ~15× slower at Wan's 81-frame grid)
+        pooled = pool_tokens(x.reshape(B * t, N // t, C), hw[1:], out_hw[1:])
+        return pooled.reshape(B, -1, C)
     grid = x.transpose(1, 2).reshape(B, C, *hw)  # a channels-last view: no copy
     if all(n % m == 0 for n, m in zip(hw, out_hw)):
         k = tuple(n // m for n, m in zip(hw, out_hw))
