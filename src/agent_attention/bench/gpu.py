@@ -117,7 +117,7 @@ def stages(device: str, out: Path, quick: bool, dit: bool) -> List[dict]:
     if dit:
         result.append(dict(name="bench sd, DiT block", timeout=slack or 30,
                            argv=[*bench, "sd", "--model", "pixart", "--device", device,
-                                 "--dtype", "fp32" if cpu else "fp16", "--ratio", "0.4", "--methods", "agentsd",
+                                 "--dtype", "fp32" if cpu else "fp16", "--ratio", "0.4", "--methods", "agentsd", "agentsd+merge",
                                  "--repeats", "2" if quick else "3", "--sizes", "256" if quick else "2048",
                                  *(["--tiny"] if quick else []), "--out", str(out / "sd_dit")]))
     else:
