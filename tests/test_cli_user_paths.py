@@ -320,3 +320,14 @@ def test_dense_device_is_checked_before_any_work(capsys, tmp_path, command):
     error_line(capsys, cli([command, "--device", "cuda", "--output", out]), 2, "no CUDA GPU")
     error_line(capsys, cli([command, "--device", "gpu", "--output", out]), 2, "unknown device 'gpu'")
     assert not (tmp_path / "run").exists()
+
+
+def test_sd_merge_flags_reach_both_phases():
+    from agent_attention.commands.sd import build_parser, schedule_from_args
+
+    args = build_parser().parse_args(["--model", "m", "--prompt", "p", "--merge-mlp", "--merge-crossattn"])
+    schedule, _ = schedule_from_args(args)
+    assert schedule.early.merge_mlp and schedule.early.merge_crossattn
+    assert schedule.late.merge_mlp and schedule.late.merge_crossattn and schedule.late.sx == 2
+    plain, _ = schedule_from_args(build_parser().parse_args(["--model", "m", "--prompt", "p"]))
+    assert not plain.early.merge_mlp and not plain.late.merge_crossattn

@@ -38,6 +38,9 @@ def add_generation_options(p: argparse.ArgumentParser, *, steps: int = 50) -> No
     p.add_argument("--late-agent-ratio", type=float, default=0.5, help="agent merging ratio of the second phase")
     p.add_argument("--max-downsample", type=int, default=None,
                    help="patch layers downsampled at most this much (default: the highest-resolution attention)")
+    p.add_argument("--merge-crossattn", action="store_true",
+                   help="run the blocks' cross-attention on the merged tokens too (UNet, PixArt, Wan)")
+    p.add_argument("--merge-mlp", action="store_true", help="run the blocks' feed-forward on the merged tokens too")
     p.add_argument("--attn-precision", choices=("auto", "fp32", "native"), default="auto",
                    help="'fp32' for SD 2.x in half precision; 'auto' follows the model's upcast_attention")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -52,7 +55,8 @@ def schedule_from_args(args: argparse.Namespace):
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     precision = None if args.attn_precision == "auto" else args.attn_precision
-    early = dict(ratio=args.ratio, agent_ratio=args.agent_ratio, max_downsample=args.max_downsample, attn_precision=precision)
+    early = dict(ratio=args.ratio, agent_ratio=args.agent_ratio, max_downsample=args.max_downsample, attn_precision=precision,
+                 merge_crossattn=args.merge_crossattn, merge_mlp=args.merge_mlp)
     switch = args.switch_step if args.switch_step is not None else round(0.4 * args.steps)
     if args.no_schedule:
         switch = args.steps
