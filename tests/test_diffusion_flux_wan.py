@@ -277,3 +277,21 @@ def test_docs_snippet_runs(capsys):
     code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     exec(compile(code, "agentsd_dit.md", "exec"), {})
     assert "{'agent': 2}" in capsys.readouterr().out
+
+
+def test_two_denoisers_of_one_pipeline_are_both_patched_and_counted():
+    """Wan 2.2 pipelines keep a second (low-noise) expert in ``transformer_2``: both are patched and
+    ``agentsd_calls`` adds their counts."""
+    from types import SimpleNamespace
+
+    from agent_attention.diffusion.patch import agentsd_calls, get_agentsd_state
+
+    pipe = SimpleNamespace(transformer=tiny_wan(), transformer_2=tiny_wan())
+    apply_agentsd(pipe, sx=2, sy=2)
+    run(pipe.transformer, "wan")
+    run(pipe.transformer_2, "wan")
+    assert get_agentsd_state(pipe.transformer_2) is not None
+    assert agentsd_calls(pipe, clear=True) == {"agent": 4}
+    assert agentsd_calls(pipe) == {}
+    remove_agentsd(pipe)
+    assert get_agentsd_state(pipe.transformer_2) is None

@@ -100,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "runs (every step keeps the first-phase settings, as with --no-schedule)")
     seeds = args.seeds if args.seeds else [args.seed]
 
-    from ..diffusion.patch import apply_agentsd, remove_agentsd
+    from ..diffusion.patch import agentsd_calls, apply_agentsd, remove_agentsd
 
     pipe = load_pipeline(model, device, dtype)
 
@@ -118,16 +118,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             baselines.append(images[0])
             t_base += seconds
     with usage_errors():  # an unsupported denoiser is a one-line error naming the supported ones
-        state = apply_agentsd(pipe, schedule=schedule)
+        apply_agentsd(pipe, schedule=schedule)
     agentsd, t_agent = [], 0.0
     try:
         for _ in range(max(0, args.warmup)):
             run(1, seeds[0], schedule)
-        state.calls.clear()
+        agentsd_calls(pipe, clear=True)
         for seed in seeds:
             images, seconds = run(args.steps, seed, schedule)
             agentsd.append(images[0])
             t_agent += seconds
+        calls = agentsd_calls(pipe)  # every denoiser's (Wan 2.2 has two)
     finally:
         remove_agentsd(pipe)
 
@@ -143,8 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"speed-up x{t_base / max(t_agent, 1e-9):.2f}")
     else:
         print(f"AgentSD: {t_agent / len(seeds):.2f} s per image")
-    print(f"AgentSD attention calls: {dict(state.calls)}")
-    if not any(k.startswith(("agent", "tome", "todo")) for k in state.calls):
+    print(f"AgentSD attention calls: {calls}")
+    if not any(k.startswith(("agent", "tome", "todo")) for k in calls):
         print("warning: no attention call used AgentSD (every call went to the stock processor)")
     print(f"saved {out}")
     return 0

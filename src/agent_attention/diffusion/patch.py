@@ -28,7 +28,7 @@ from .schedule import PAPER_LATE, AgentSDConfig, Rule
 from .settings import AgentSDSettings
 from .state import AgentSDState
 
-__all__ = ["apply_agentsd", "remove_agentsd", "AgentSDSchedule", "self_attention_layers", "get_agentsd_state",
+__all__ = ["apply_agentsd", "remove_agentsd", "AgentSDSchedule", "self_attention_layers", "get_agentsd_state", "agentsd_calls",
            "denoisers", "PAPER_LATE"]
 
 _ATTR = "_agentsd_state"
@@ -69,6 +69,21 @@ def self_attention_layers(pipe_or_model: Any) -> List[Tuple[str, nn.Module, Opti
 def get_agentsd_state(pipe_or_model: Any) -> Optional[AgentSDState]:
     """The :class:`AgentSDState` of a patched pipeline/denoiser, or ``None``."""
     return getattr(_find_unet(pipe_or_model), _ATTR, None)
+
+
+def agentsd_calls(pipe_or_model: Any, clear: bool = False) -> Dict[str, int]:
+    """The attention-call counts of every patched denoiser of a pipeline added together (Wan 2.2 has
+    two: ``transformer`` and ``transformer_2``); ``clear`` resets them afterwards."""
+    total: Dict[str, int] = {}
+    for model, _ in denoisers(pipe_or_model):
+        state = getattr(model, _ATTR, None)
+        if state is None:
+            continue
+        for key, n in state.calls.items():
+            total[key] = total.get(key, 0) + n
+        if clear:
+            state.calls.clear()
+    return total
 
 
 def _as_config(config: Any, schedule: Any, settings: Dict[str, Any]) -> Tuple[AgentSDConfig, Any]:
