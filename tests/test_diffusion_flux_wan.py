@@ -191,6 +191,16 @@ def install_reference(model, kind):
     return handles
 
 
+def run_reference(model, kind, install=install_reference):
+    """The model's output with the reference installed by ``install`` (removed afterwards)."""
+    handles = install(model, kind)
+    try:
+        return run(model, kind)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ----------------------------------------------------------------------------- tests
 def test_flux_and_wan_are_supported():
     assert {"FluxTransformer2DModel", "WanTransformer3DModel"} <= set(supported_classes())
@@ -218,12 +228,7 @@ def test_matches_independent_reference(kind):
     ours = run(model, kind)
     assert state.calls["agent"] == 2
     remove_agentsd(model)
-    handles = install_reference(model, kind)
-    try:
-        ref = run(model, kind)
-    finally:
-        for h in handles:
-            h.remove()
+    ref = run_reference(model, kind)
     assert (ref - stock).abs().max() > 1e-3  # the reference is not the stock model
     assert (ours - ref).abs().max().item() <= 1e-5
 

@@ -16,7 +16,7 @@ from test_diffusion_dit import (  # noqa: E402
     PHASES, close, ref_agentsd_attention, sets_for, tiny_pixart, tiny_sd3, tiny_unet,
 )
 from test_diffusion_dit import inputs as dit_inputs  # noqa: E402
-from test_diffusion_flux_wan import GRIDS, MODELS, install_reference, ref_match, run  # noqa: E402
+from test_diffusion_flux_wan import GRIDS, MODELS, install_reference, ref_match, run, run_reference  # noqa: E402
 from test_diffusion_parity import ref_merge, ref_unmerge  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,12 +139,7 @@ def test_flux_and_wan_merged_sublayers_match_reference(kind):
     assert state.calls["agent"] == 2 and state.calls["merged mlp"] == 2
     assert state.calls["merged crossattn"] == (2 if kind == "wan" else 0)
     remove_agentsd(model)
-    handles = install_merged_reference(model, kind)
-    try:
-        ref = run(model, kind)
-    finally:
-        for h in handles:
-            h.remove()
+    ref = run_reference(model, kind, install_merged_reference)
     plain_state = apply_agentsd(model, sx=2, sy=2, use_rand=False)
     plain = run(model, kind)
     assert plain_state.calls["merged mlp"] == 0
