@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("model,extra", [("flux", ["--sizes", "128"]), ("wan", ["--frames", "9", "--video-size", "64", "64"])])
+@pytest.mark.parametrize("model,extra", [("flux", ["--sizes", "128"]), ("wan", ["--frames", "9", "--video-size", "64", "64", "--memory"])])
 def test_bench_sd_dit_smoke(tmp_path, capsys, model, extra):
     from agent_attention.bench.sd import main
 
@@ -22,7 +22,12 @@ def test_bench_sd_dit_smoke(tmp_path, capsys, model, extra):
     assert not methods["agentsd"]["calls"].get("merged mlp") and methods["agentsd+merge"]["calls"].get("merged mlp", 0) > 0
     kinds = {"flux": {"transformer_blocks", "single_transformer_blocks"}, "wan": {"blocks"}}[model]
     assert all(set(r["blocks"]) == kinds and r["seconds"] > 0 for r in data["records"])
-    assert "AgentSD" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "AgentSD" in out and "peak MiB" in out
+    if "--memory" in extra:  # the memory pass: every method has a peak (toy widths: no ordering to expect)
+        assert all(r["peak_bytes"] > 0 for r in data["records"])
+    else:
+        assert all(r["peak_bytes"] is None for r in data["records"])
 
 
 def _run(title, size, base, agent, block_base, block_agent):

@@ -200,9 +200,10 @@ class BlockTimer:
 
 
 def time_forward(model, inputs: dict, methods: Sequence[str], ratio: float, repeats: int, device,
-                 warmup: bool = True, log: Callable[[str], None] = print) -> Dict[str, dict]:
+                 warmup: bool = True, memory: bool = False, log: Callable[[str], None] = print) -> Dict[str, dict]:
     """``{method: {"forward": [(wall, cpu)], "blocks": {list: [(wall, cpu)]}, "calls": {...}}}`` over
-    ``repeats`` rounds (forward, then backward order)."""
+    ``repeats`` rounds (forward, then backward order); ``memory``: the untimed first round measures
+    each method's peak memory above the weights and inputs (``"peak_bytes"``)."""
     from ..diffusion import get_agentsd_state
 
     spec_lists = [a for a in ("transformer_blocks", "single_transformer_blocks", "blocks") if hasattr(model, a)]
@@ -214,12 +215,17 @@ def time_forward(model, inputs: dict, methods: Sequence[str], ratio: float, repe
         return model(**inputs, return_dict=False)[0]
 
     try:
-        for r in range(-1 if warmup else 0, repeats):
+        for r in range(-1 if warmup or memory else 0, repeats):
             for m in common.round_order(list(methods), max(r, 0)):
                 configure(model, m, ratio)
                 state = get_agentsd_state(model)
                 if state is not None:
                     state.calls.clear()
+                if r < 0 and memory:
+                    out[m]["peak_bytes"] = common.peak_memory(forward, device)
+                    timer.take()
+                    log(f"    memory {m}: peak {common.fmt_mb(out[m]['peak_bytes'])} MiB")
+                    continue
                 common.sync(device)
                 wall, cpu = time.perf_counter(), time.process_time()
                 forward()
@@ -265,7 +271,8 @@ def records_of(name: str, label: str, tokens: int, dtype: str, timings: Dict[str
         fw, fc = _median(t["forward"])
         blocks = {k: dict(zip(("seconds", "cpu_seconds"), _median(v))) for k, v in t["blocks"].items() if v}
         recs.append(dict(model=name, title=SPECS[name].title, size=label, tokens=tokens, dtype=dtype, method=m,
-                         seconds=fw, cpu_seconds=fc, blocks=blocks, samples=t["forward"], calls=t["calls"]))
+                         seconds=fw, cpu_seconds=fc, blocks=blocks, samples=t["forward"], calls=t["calls"],
+                         peak_bytes=t.get("peak_bytes")))
     return recs
 
 
@@ -283,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="denoiser batch")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (median)")
     p.add_argument("--no-warmup", action="store_true", help="no untimed first round")
+    p.add_argument("--memory", action="store_true",
+                   help="the untimed first round measures each method's peak memory of one forward (activations)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -324,7 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {label}: {tokens} image tokens + {spec.text_tokens} text tokens; load average {os.getloadavg()[0]:.1f}",
               flush=True)
         inputs = make_inputs(args.model, model, hw, frames=frames, batch=args.batch, dtype=dtype, device=device)
-        timings = time_forward(model, inputs, methods, args.ratio, args.repeats, device, warmup=not args.no_warmup)
+        timings = time_forward(model, inputs, methods, args.ratio, args.repeats, device, warmup=not args.no_warmup,
+                               memory=args.memory)
         records += records_of(args.model, label, tokens, dtype_name, timings)
         if args.profile and i == len(cases) - 1:
             profile = [dict(size=label, method=m, table=profile_top(model, inputs, m, args.ratio)) for m in methods]

@@ -41,7 +41,7 @@ def rows(runs: Sequence[dict]):
     """``(headers, rows)``: one row per model, size, dtype and method."""
     records = _records(runs)
     headers = ["model", "size", "image tokens", "dtype", "method", "forward s (wall)", "speed-up", "CPU s", "speed-up (CPU)",
-               "block s (wall)", "block speed-up", "block speed-up (CPU)", "agent calls"]
+               "block s (wall)", "block speed-up", "block speed-up (CPU)", "peak MiB", "agent calls"]
     out = []
     for r in records:
         b = _base(records, r) or r
@@ -52,7 +52,7 @@ def rows(runs: Sequence[dict]):
                         f"{r['seconds']:.3g}", common.fmt_ratio(b["seconds"] / r["seconds"]), f"{r['cpu_seconds']:.3g}",
                         common.fmt_ratio(b["cpu_seconds"] / r["cpu_seconds"]),
                         f"{BLOCK_NAMES.get(kind, kind)} {t['seconds']:.3g}", common.fmt_ratio(bt["seconds"] / t["seconds"]),
-                        common.fmt_ratio(bt["cpu_seconds"] / t["cpu_seconds"]),
+                        common.fmt_ratio(bt["cpu_seconds"] / t["cpu_seconds"]), common.fmt_mb(r.get("peak_bytes")),
                         ", ".join(f"{k} {v}" for k, v in sorted(calls.items())) or "—"])
     return headers, out
 
