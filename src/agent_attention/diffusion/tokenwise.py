@@ -67,9 +67,7 @@ class TokenwiseHook(ModelHook):
             kwargs = dict(kwargs, **{where: merged})
         out = forward(*args, **kwargs)
         self.state.calls[f"merged {self.spec.kind}"] += 1
-        if t:
-            return torch.cat([out[:, :t], red.expand(out[:, t:])], 1)
-        return red.expand(out)
+        return red.expand(out, prefix=t)
 
     def _reduction(self, x: Tensor):
         """``(reduction, text rows in front)`` to merge ``x`` with, or ``None``."""
