@@ -53,3 +53,12 @@ def test_goal_lines_say_met_or_missed_by_how_much(tmp_path):
         files.append(str(f))
     assert main(files + ["--out", str(tmp_path)]) == 0
     assert "MISSED by 1.25×" in (tmp_path / "sd_dit.md").read_text() and (tmp_path / "sd_dit.png").stat().st_size > 0
+
+
+def test_a_later_run_replaces_the_same_case():
+    from agent_attention.bench.sd_dit_report import goal_lines
+
+    old, new = _run("X", "2048²", 10.0, 4.0, 9.0, 2.0), _run("X", "2048²", 10.0, 5.0, 9.0, 3.0)
+    lines = goal_lines([old, new])
+    assert "goal: per transformer block ≥ 3× at 2048²: X 2048² fp32 AgentSD block: 3.00× — met" in lines
+    assert not any("4.50×" in line for line in lines) and len([x for x in lines if "block" in x]) == 1
