@@ -147,3 +147,13 @@ def test_unmerge_keeps_a_text_prefix_in_the_same_gather():
     assert torch.equal(m.unmerge(y, prefix=4), torch.cat([y[:, :4], m.unmerge(y[:, 4:])], 1))
     with pytest.raises(ValueError, match="expected"):
         m.unmerge(y)  # the prefix must be declared
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matching_on_cpu_is_the_float32_matching(dtype):
+    """On a CPU the similarities of a half-precision metric are float32 products (fast on every CPU):
+    the match is the float32 match of the same (rounded) values."""
+    x = torch.randn(2, 12 * 16, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    half = match_tokens(x, (12, 16), sx=4, sy=4, ratio=0.4, agent_ratio=0.95)
+    full = match_tokens(x.float(), (12, 16), sx=4, sy=4, ratio=0.4, agent_ratio=0.95)
+    assert torch.equal(half.slot, full.slot) and torch.equal(half.agent_slot, full.agent_slot)

@@ -294,9 +294,11 @@ def match_tokens(
     # cosine similarity of each source with each destination; only the destinations are normalised
     # before the product, the sources after the max (a positive per-row factor keeps the argmax)
     tiny = torch.finfo(torch.float32).tiny
-    # (in float32; a half-precision product is formed of unit vectors, whose scores round alike)
+    # (in float32; a half-precision product is formed of unit vectors, whose scores round alike; on a
+    # CPU the product is float32 too: CPUs without native bf16/fp16 kernels run a half-precision
+    # batched product tens of times slower, which made the matching most of a bf16 forward)
     norms = metric.float().norm(dim=-1, keepdim=True).clamp_min(tiny)  # (B, N, 1), float32
-    if fp32 or metric.dtype == torch.float32:
+    if fp32 or metric.dtype == torch.float32 or metric.device.type == "cpu":
         work = metric.float()
         dst_unit = work[:, dst] / norms[:, dst]
     else:
