@@ -138,17 +138,6 @@ def test_todo_agents_on_a_video_grid_with_text():
     torch.testing.assert_close(out_txt, flat(softmax_attention(qt, keys, values, s)), rtol=1e-5, atol=1e-5)
 
 
-def test_unmerge_keeps_a_text_prefix_in_the_same_gather():
-    from agent_attention.diffusion.merge import match_tokens
-
-    x = torch.randn(3, 64, 5, generator=torch.Generator().manual_seed(0))
-    m = match_tokens(x, (8, 8), sx=2, sy=2, ratio=0.4)
-    y = torch.randn(3, 4 + m.num_merged, 5)
-    assert torch.equal(m.unmerge(y, prefix=4), torch.cat([y[:, :4], m.unmerge(y[:, 4:])], 1))
-    with pytest.raises(ValueError, match="expected"):
-        m.unmerge(y)  # the prefix must be declared
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matching_on_cpu_is_the_float32_matching(dtype):
     """On a CPU the similarities of a half-precision metric are float32 products (fast on every CPU):

@@ -118,9 +118,8 @@ class Reduction:
             return self.match.agents_from_merged(xq) if self.match.has_agents else None
         return None if self.agent_grid is None else pool_tokens(x, self.grid, self.agent_grid)
 
-    def expand(self, y: Tensor, prefix: int = 0) -> Tensor:
-        """The query rows back to every token; ``prefix`` rows in front (text) are kept."""
-        return self.match.unmerge(y, prefix) if self.merges else y
+    def expand(self, y: Tensor) -> Tensor:
+        return self.match.unmerge(y) if self.merges else y
 
 
 def reduce_tokens(settings: AgentSDSettings, grid: Sequence[int], metric: Tensor, *,

@@ -218,23 +218,14 @@ class TokenMatch:
         bags, weights = self._agent_bags_over_rows()
         return _bag_reduce(merged.reshape(B * n, C), bags, weights).view(B, self.num_agents, C)
 
-    def unmerge(self, y: Tensor, prefix: int = 0) -> Tensor:
-        """``(B, N - r, C) -> (B, N, C)``: every token takes the output of the row it was merged into.
-        ``prefix`` rows in front of the merged rows (text tokens) are kept as they are, in the same
-        gather: ``(B, prefix + N - r, C) -> (B, prefix + N, C)``."""
-        self._check(y, self.num_merged + prefix, "unmerge")
+    def unmerge(self, y: Tensor) -> Tensor:
+        """``(B, N - r, C) -> (B, N, C)``: every token takes the output of the row it was merged into."""
+        self._check(y, self.num_merged, "unmerge")
         if self.slot is None:
             return y
         B, _, C = y.shape
-        key = ("unmerge", prefix)
-        if key not in self._cache:
-            if prefix:
-                rows = prefix + self.num_merged
-                text = torch.arange(prefix, device=self.slot.device) + torch.arange(B, device=self.slot.device)[:, None] * rows
-                self._cache[key] = torch.cat([text, _flat_rows(self.slot + prefix, rows).view(B, -1)], 1).reshape(-1)
-            else:
-                self._cache[key] = self._index("slot")[0]
-        return y.reshape(-1, C).index_select(0, self._cache[key]).view(B, prefix + self.num_tokens, C)
+        flat, _ = self._index("slot")
+        return y.reshape(B * self.num_merged, C).index_select(0, flat).view(B, self.num_tokens, C)
 
 
 def _slots(order: Tensor, partner: Tensor, src: Tensor, dst: Tensor, r: int, n: int) -> Tensor:

@@ -46,8 +46,8 @@ class AgentSDSettings:
         merge_crossattn: ``agentsd`` only: the block's cross-attention to the text (UNet, PixArt,
             Wan) also runs on the merged rows (its queries merged, the text keys/values exact, the
             output unmerged by copy); the official option of the same name, off by default.
-        merge_mlp: ``agentsd`` only: the block's feed-forward runs on the merged rows too (FLUX's
-            single-stream blocks: the MLP input projection); the official option, off by default.
+        merge_mlp: ``agentsd`` only: the block's feed-forward runs on the merged rows too (not in
+            FLUX's single-stream blocks); the official option, off by default.
             Both act token by token, so they only trade the detail of merged tokens for speed;
             see ``tokenwise.py``.
     """

@@ -7,25 +7,20 @@ AgentSD merge and have their output copied back to every token, as the self-atte
 layers hold most of the work that agent attention does not touch: at 2048² the feed-forward and the
 projections are half of an AgentSD block.
 
-:class:`TokenwiseHook` is a diffusers ``ModelHook`` on such a sub-layer (``attn2``, ``ff``, ``ffn``,
-FLUX's single-stream ``proj_mlp``; the adapter names them: :meth:`Adapter.tokenwise`).  On a call it
-takes the reduction of the running block (``processor.block_reduction``: the same match as the
-block's self-attention, on the block input), merges the sub-layer's input rows, calls the sub-layer
-and unmerges its output.  It merges nothing when the block's settings at this step are not
+:class:`TokenwiseHook` is a diffusers ``ModelHook`` on such a sub-layer (``attn2``, ``ff``, ``ffn``;
+the adapter names them: :meth:`Adapter.tokenwise`).  On a call it takes the reduction the running
+block's self-attention computed (on the block input), merges the sub-layer's input rows, calls the
+sub-layer and unmerges its output.  It merges nothing when the block's settings at this step are not
 ``agentsd`` with the flag set, when the block's attention did not run AgentSD in this call (an input
 AgentSD does not handle), or when the input is not the block's ``N`` image tokens (a chunked
-feed-forward).  Text rows in front of the image rows (FLUX's single-stream blocks) stay exact; there
-the MLP runs before the attention, so the hook computes the block's reduction itself.
+feed-forward).
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-import torch
 from diffusers.hooks import ModelHook
 from torch import Tensor
-
-from .processor import block_reduction
 
 __all__ = ["TokenwiseHook", "TOKENWISE_HOOK"]
 
@@ -54,39 +49,28 @@ class TokenwiseHook(ModelHook):
     def new_forward(self, module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
         x, where = _first_input(args, kwargs)
-        found = self._reduction(x) if x is not None else None
-        if found is None:
+        red = self._reduction(x) if x is not None else None
+        if red is None:
             return forward(*args, **kwargs)
-        red, t = found
-        merged = red.queries(x[:, t:])
-        if t:
-            merged = torch.cat([x[:, :t], merged], 1)
+        merged = red.queries(x)
         if where is None:
             args = (merged,) + args[1:]
         else:
             kwargs = dict(kwargs, **{where: merged})
         out = forward(*args, **kwargs)
         self.state.calls[f"merged {self.spec.kind}"] += 1
-        return red.expand(out, prefix=t)
+        return red.expand(out)
 
     def _reduction(self, x: Tensor):
-        """``(reduction, text rows in front)`` to merge ``x`` with, or ``None``."""
+        """The block's reduction to merge ``x`` with, or ``None``."""
         state, spec, layer = self.state, self.spec, self.layer
         settings = state.active.get(layer.name)
         if settings is None or settings.method != "agentsd" or not getattr(settings, f"merge_{spec.kind}"):
             return None
         entry = state.block_inputs.get(spec.block)
-        if entry is None or x.ndim != 3 or x.shape[0] != entry[0].shape[0]:
+        if entry is None or x.ndim != 3 or x.shape[:2] != entry[0].shape[:2]:
             return None
-        n = entry[0].shape[1]
-        t = x.shape[1] - n
-        if t < 0 or (t and not spec.text_first):
+        if entry[1] is None or entry[1][0] != settings:  # the block's attention did not run AgentSD in this call
             return None
-        if entry[1] is not None and entry[1][0] == settings:
-            red = entry[1][1]
-        elif spec.text_first:  # the MLP runs before the block's attention: match now (the attention reuses it)
-            grid = self.adapter.token_grid(layer, state, n)
-            red = block_reduction(state, spec.block, x[:, t:], grid, settings, self.adapter.fp32(layer.attn, settings))
-        else:  # the block's attention did not run AgentSD in this call
-            return None
-        return (red, t) if red.merges else None
+        red = entry[1][1]
+        return red if red.merges else None

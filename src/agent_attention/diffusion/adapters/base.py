@@ -48,14 +48,13 @@ class LayerSpec:
 @dataclass
 class TokenwiseSpec:
     """A sub-layer of a block that acts token by token on the block's image tokens: its module name,
-    the module, the block's name, ``kind`` (``"crossattn"`` or ``"mlp"``: the setting
-    ``merge_<kind>`` turns it on) and whether its input holds the text rows first (``text_first``)."""
+    the module, the block's name and ``kind`` (``"crossattn"`` or ``"mlp"``: the setting
+    ``merge_<kind>`` turns it on)."""
 
     name: str
     module: nn.Module
     block: str
     kind: str
-    text_first: bool = False
 
 
 @dataclass

@@ -17,9 +17,9 @@
   agent then carries the mean phase of its cell, which is what the stock attention's queries of that
   cell look like; pooling before RoPE would need one position per agent, which a cell does not have.
 * The merge metric is the block's input image tokens (before its norm).  Scale ``head_dim ** -0.5``.
-* ``merge_mlp``: the double-stream blocks' image ``ff``, and the single-stream blocks' ``proj_mlp``
-  (its input is ``[text; image]``: the text rows stay exact; the block's ``proj_out`` then sees every
-  row, as its attention output is already expanded).
+* ``merge_mlp``: the double-stream blocks' image ``ff``.  The single-stream blocks stay unmerged: their
+  MLP input projection feeds the same output projection as the attention, on every row, so merging
+  it alone costs a 12288-wide unmerge and was measured slower (FLUX.1 width, 2048², CPU).
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ class FluxAdapter(Adapter):
         return layers
 
     def tokenwise(self, block_name: str, block: nn.Module) -> List[TokenwiseSpec]:
-        if _is(block, "FluxSingleTransformerBlock"):
-            return [TokenwiseSpec(f"{block_name}.proj_mlp", block.proj_mlp, block_name, "mlp", text_first=True)]
+        if _is(block, "FluxSingleTransformerBlock"):  # see the module docstring
+            return []
         return [TokenwiseSpec(f"{block_name}.ff", block.ff, block_name, "mlp")]
 
     def grid(self, model: nn.Module, sample: Tensor, bound) -> Optional[Tuple[int, ...]]:
