@@ -108,9 +108,9 @@ def markdown(runs: Sequence[dict]) -> str:
 def plot(runs: Sequence[dict], path: Path) -> Path:
     """Per model and size: block and forward speed-ups of ToDo and AgentSD, with the goals."""
     records = _records(runs)
-    fig, (ax,) = common.new_figure(1, width=9.0)
     tokens = {(r["title"], r["size"], r["dtype"]): r["tokens"] for r in records}
     cases = sorted(tokens, key=lambda c: (c[0], tokens[c], c[2]))
+    fig, (ax,) = common.new_figure(1, width=max(9.0, 1.05 * len(cases)), height=5.2)
     xs = range(len(cases))
     present = [m for m in ("todo",) + AGENTSD if any(r["method"] == m for r in records)]
     bars = [(m, w) for m in present for w in ("block", "forward")]
@@ -131,9 +131,9 @@ def plot(runs: Sequence[dict], path: Path) -> Path:
         ax.axhline(target, color="grey", ls=":", lw=0.8)
     ax.axhline(1, color="k", lw=0.8)
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([f"{t}\n{s} {d}" for t, s, d in cases], fontsize=7)
+    ax.set_xticklabels([f"{t}\n{s}\n{d}" for t, s, d in cases], fontsize=7)
     ax.set_ylabel("speed-up over SDPA (wall; block: the slowest kind)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)  # below: hides no bar
     ax.grid(alpha=0.3, axis="y")
     infos = [run["machine"] for run in runs if run.get("machine")]
     cpus = sorted({common.machine_line(i).split(";")[0] for i in infos})
